@@ -1,0 +1,200 @@
+"""The one data path from an AnnData (or a matrix) to minibatches.
+
+Sparse input stays sparse: each minibatch is cut from the CSR matrix and handed to the model as
+CSR tensors, so memory never grows with ``n_cells x n_genes``. AnnData opened with ``backed="r"``
+is read batch by batch from disk.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from .models._nn import Batch
+
+__all__ = ["MinibatchLoader", "get_matrix", "iter_row_blocks", "validate_matrix"]
+
+#: Rows read at a time when a whole matrix is scanned (validation, encoding).
+_BLOCK_ROWS = 8192
+
+
+def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
+    """The matrix a tool trains on: ``adata.X`` or ``adata.layers[layer]``.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of shape ``(n_obs, n_vars)``.
+    layer
+        Name of a layer, or None for ``adata.X``.
+
+    Returns
+    -------
+    A dense array, a SciPy sparse matrix or, for backed AnnData, the on-disk dataset.
+
+    Raises
+    ------
+    TypeError
+        ``adata`` is not an AnnData.
+    ValueError
+        The AnnData has no cells or no genes, or ``X`` is missing.
+    KeyError
+        ``layer`` is not one of ``adata.layers``.
+    """
+    if not isinstance(adata, AnnData):
+        raise TypeError(
+            f"Expected an AnnData, got {type(adata).__name__}. Wrap a matrix with "
+            "`anndata.AnnData(X)` first."
+        )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); a model needs "
+            "at least one cell and one gene. Check the filtering steps that produced it."
+        )
+    if layer is not None:
+        if layer not in adata.layers:
+            present = ", ".join(repr(k) for k in adata.layers.keys()) or "none"
+            raise KeyError(
+                f"Layer {layer!r} not found in adata.layers (present: {present}). "
+                "Pass one of these as `layer=`, or `layer=None` to use adata.X."
+            )
+        return adata.layers[layer]
+    if adata.X is None:
+        raise ValueError("adata.X is None. Pass `layer=` to train on one of adata.layers.")
+    return adata.X
+
+
+def _is_backed_sparse(X: Any) -> bool:
+    return hasattr(X, "format") and hasattr(X, "group") and not sp.issparse(X)
+
+
+def _take_rows(X: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` (sorted) of any supported matrix, in memory."""
+    if sp.issparse(X) or isinstance(X, np.ndarray):
+        return X[rows]
+    if _is_backed_sparse(X):
+        return X[rows]
+    # h5py dataset (backed dense), or array-likes such as np.matrix
+    return np.asarray(X[rows])
+
+
+def iter_row_blocks(X: Any, block_rows: int = _BLOCK_ROWS) -> Iterator[Any]:
+    """Consecutive row blocks of ``X``, each in memory (dense or CSR)."""
+    n = X.shape[0]
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        if _is_backed_sparse(X) or sp.issparse(X):
+            yield X[start:stop]
+        else:
+            yield np.asarray(X[start:stop])
+
+
+def validate_matrix(X: Any, *, name: str = "adata.X") -> None:
+    """Raise if ``X`` holds NaN or infinite values; scans it block by block.
+
+    Also warns once when the values look like raw counts, which the squared-error models are not
+    meant for.
+    """
+    if len(X.shape) != 2:
+        raise ValueError(f"{name} must be 2-D (cells x genes), got shape {X.shape}.")
+    bad = 0
+    looks_like_counts = True
+    max_value = 0.0
+    for block in iter_row_blocks(X):
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        if values.dtype.kind not in "biuf":
+            raise TypeError(
+                f"{name} has dtype {values.dtype}; a numeric matrix is needed (cast it with "
+                "`.astype(np.float32)`)."
+            )
+        if values.dtype.kind == "f":
+            finite = np.isfinite(values)
+            bad += int(values.size - np.count_nonzero(finite))
+            if looks_like_counts and values.size:
+                looks_like_counts = bool(np.all(np.mod(values[finite], 1) == 0))
+        if values.size:
+            max_value = max(max_value, float(np.nanmax(np.where(np.isfinite(values), values, 0))))
+    if bad:
+        raise ValueError(
+            f"{name} contains {bad} NaN or infinite value(s). Remove or impute them first, for "
+            "example with `np.nan_to_num`, or pick a clean matrix with `layer=`."
+        )
+    if looks_like_counts and max_value > 100:
+        warnings.warn(
+            f"{name} looks like raw counts (integers up to {max_value:g}). The models reconstruct "
+            "values by squared error and are meant for log-normalised data: run "
+            "`sc.pp.normalize_total(adata, target_sum=1e4)` and `sc.pp.log1p(adata)` first, or "
+            "pass a normalised `layer=`.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def to_batch(block: Any) -> Batch:
+    """One in-memory block of rows as a :class:`~scvae_tools.models.Batch`."""
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        if not block.has_canonical_format:
+            block = block.copy()
+            block.sum_duplicates()
+        values = np.asarray(block.data, dtype=np.float32)
+        indptr = block.indptr.astype(np.int64, copy=False)
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(indptr))
+        sq_norm = np.bincount(
+            rows, weights=values.astype(np.float64) ** 2, minlength=block.shape[0]
+        )
+        return Batch(
+            n_cells=block.shape[0],
+            sq_norm=torch.from_numpy(sq_norm.astype(np.float32)),
+            indices=torch.from_numpy(block.indices.astype(np.int64)),
+            offsets=torch.from_numpy(indptr[:-1].copy()),
+            values=torch.from_numpy(values),
+        )
+    dense = np.ascontiguousarray(block, dtype=np.float32)
+    dense_t = torch.from_numpy(dense)
+    return Batch(n_cells=dense.shape[0], sq_norm=dense_t.pow(2).sum(1), dense=dense_t)
+
+
+class MinibatchLoader:
+    """Shuffled minibatches of the rows of ``X``, built without a per-cell Dataset.
+
+    Parameters
+    ----------
+    X
+        Dense array, SciPy sparse matrix (CSC is converted to CSR once) or backed dataset,
+        shape ``(n_cells, n_genes)``.
+    batch_size
+        Cells per minibatch; the last one may be smaller.
+    device
+        Where batches are sent.
+    """
+
+    def __init__(self, X: Any, batch_size: int, device: torch.device | str = "cpu"):
+        if sp.issparse(X) and X.format != "csr":
+            X = sp.csr_matrix(X)
+        self.X = X
+        self.n_cells = X.shape[0]
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return -(-self.n_cells // self.batch_size)
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
+        """One pass over all cells in an order drawn from ``rng``."""
+        order = rng.permutation(self.n_cells)
+        for start in range(0, self.n_cells, self.batch_size):
+            # Sorted rows read faster from CSR and from disk; order within a batch is irrelevant.
+            rows = np.sort(order[start : start + self.batch_size])
+            yield to_batch(_take_rows(self.X, rows)).to(self.device)
+
+    def sequential(self, block_rows: int = 4096) -> Iterator[Batch]:
+        """All cells in their order, for encoding."""
+        for block in iter_row_blocks(self.X, block_rows):
+            yield to_batch(block).to(self.device)

@@ -1,0 +1,34 @@
+"""The torch models (:class:`AutoencoderModule`) and fitted-model handling (:func:`load`)."""
+
+from ._latent import DeterministicLatent, GaussianLatent, LatentOutput, SpikeSlabLatent
+from ._losses import (
+    bernoulli_kl,
+    gaussian_kl,
+    spike_selection,
+    spike_slab_kl,
+    squared_error,
+    squared_error_gram,
+)
+from ._model import LatentModel, load
+from ._module import AutoencoderModule
+from ._nn import Batch, InputLinear, OutputLinear, mlp
+
+__all__ = [
+    "AutoencoderModule",
+    "Batch",
+    "DeterministicLatent",
+    "GaussianLatent",
+    "InputLinear",
+    "LatentModel",
+    "LatentOutput",
+    "OutputLinear",
+    "SpikeSlabLatent",
+    "bernoulli_kl",
+    "gaussian_kl",
+    "load",
+    "mlp",
+    "spike_selection",
+    "spike_slab_kl",
+    "squared_error",
+    "squared_error_gram",
+]

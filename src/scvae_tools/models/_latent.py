@@ -1,0 +1,136 @@
+"""The three latent layers: the only part in which the three models differ.
+
+Each takes the encoder's last shared hidden layer ``h`` and returns a :class:`LatentOutput`: the
+code passed to the decoder during training (``z``), the representation written to ``obsm``
+(``mean``) and the KL terms of the objective. A fourth latent type is one more class here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._losses import gaussian_kl, spike_selection, spike_slab_kl
+from ._nn import mlp
+
+__all__ = ["DeterministicLatent", "GaussianLatent", "LatentOutput", "SpikeSlabLatent"]
+
+
+@dataclass
+class LatentOutput:
+    """What a latent layer gives the rest of the model.
+
+    Attributes
+    ----------
+    z
+        Code fed to the decoder, shape ``(n_cells, n_latent)``: a sample while training, the mean
+        otherwise.
+    mean
+        The representation of each cell, shape ``(n_cells, n_latent)``.
+    kl
+        Named KL terms, each of shape ``(n_cells,)``; their sum is weighted by ``beta``.
+    extras
+        Further per-cell outputs, such as ``"spike"`` probabilities.
+    """
+
+    z: torch.Tensor
+    mean: torch.Tensor
+    kl: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _head(n_in: int, widths: Sequence[int], n_latent: int) -> nn.Sequential:
+    return mlp([n_in, *widths, n_latent], last_activation=False)
+
+
+class _Latent(nn.Module):
+    def __init__(self, n_in: int, widths: Sequence[int], n_latent: int, heads: Sequence[str]):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: _head(n_in, widths, n_latent) for name in heads})
+
+    def set_progress(self, fraction: float) -> None:
+        """Tell the layer how far training has come (0 at the start, 1 at the end)."""
+
+
+class DeterministicLatent(_Latent):
+    """Deep autoencoder: ``z = f(h)``, no KL term.
+
+    The code is linear (no ReLU on the bottleneck, unlike the write-up's equation for ``z``):
+    a ReLU there lets whole latent dimensions die at zero.
+    """
+
+    def __init__(self, n_in: int, widths: Sequence[int], n_latent: int):
+        super().__init__(n_in, widths, n_latent, ["code"])
+
+    def forward(self, h: torch.Tensor, generator: torch.Generator | None = None) -> LatentOutput:
+        """Encode ``h`` of shape ``(n_cells, n_in)``."""
+        code = self.heads["code"](h)
+        return LatentOutput(z=code, mean=code)
+
+
+class GaussianLatent(_Latent):
+    r"""β-VAE: :math:`z \sim \mathcal{N}(\mu, \sigma^2)` by the reparametrisation trick."""
+
+    def __init__(self, n_in: int, widths: Sequence[int], n_latent: int):
+        super().__init__(n_in, widths, n_latent, ["mu", "log_sigma"])
+
+    def forward(self, h: torch.Tensor, generator: torch.Generator | None = None) -> LatentOutput:
+        """Encode ``h`` of shape ``(n_cells, n_in)``."""
+        mu = self.heads["mu"](h)
+        log_sigma = self.heads["log_sigma"](h)
+        if self.training:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + torch.exp(log_sigma) * eps
+        else:
+            z = mu
+        return LatentOutput(z=z, mean=mu, kl={"kl": gaussian_kl(mu, log_sigma)})
+
+
+class SpikeSlabLatent(_Latent):
+    r"""β-VSC: spike-and-slab code :math:`z = s \odot (\mu + \sigma \epsilon)` (Tonolini et al.).
+
+    The spike probability is :math:`\gamma = \mathrm{sigmoid}(\text{spike\_logits})`, which has a
+    gradient everywhere (the paper's :math:`\log\gamma = -\mathrm{ReLU}(-v)` freezes any dimension
+    whose :math:`\gamma` reaches 1). The selection :math:`s` is a relaxed Bernoulli sample whose
+    sharpness :math:`c` rises linearly from ``sharpness[0]`` to ``sharpness[1]`` over training.
+    The representation is the posterior mean :math:`\gamma \odot \mu`.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        widths: Sequence[int],
+        n_latent: int,
+        prior_spike: float = 0.5,
+        sharpness: tuple[float, float] = (50.0, 200.0),
+    ):
+        super().__init__(n_in, widths, n_latent, ["mu", "log_sigma", "spike_logits"])
+        self.prior_spike = prior_spike
+        self.sharpness_range = sharpness
+        self.sharpness = sharpness[0]
+
+    def set_progress(self, fraction: float) -> None:
+        """Warm the selection sharpness up from ``sharpness[0]`` to ``sharpness[1]``."""
+        start, end = self.sharpness_range
+        self.sharpness = start + (end - start) * min(max(fraction, 0.0), 1.0)
+
+    def forward(self, h: torch.Tensor, generator: torch.Generator | None = None) -> LatentOutput:
+        """Encode ``h`` of shape ``(n_cells, n_in)``."""
+        mu = self.heads["mu"](h)
+        log_sigma = self.heads["log_sigma"](h)
+        spike_logits = self.heads["spike_logits"](h)
+        gamma = torch.sigmoid(spike_logits)
+        mean = gamma * mu
+        if self.training:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            selection = spike_selection(spike_logits, self.sharpness, generator)
+            z = selection * (mu + torch.exp(log_sigma) * eps)
+        else:
+            z = mean
+        slab, spike = spike_slab_kl(mu, log_sigma, spike_logits, self.prior_spike)
+        return LatentOutput(
+            z=z, mean=mean, kl={"kl_slab": slab, "kl_spike": spike}, extras={"spike": gamma}
+        )

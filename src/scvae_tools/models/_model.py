@@ -1,0 +1,180 @@
+"""A fitted model: the torch module plus what is needed to encode new data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from .._data import MinibatchLoader, get_matrix, validate_matrix
+from ._module import AutoencoderModule, LatentType
+
+__all__ = ["MODEL_LATENT", "LatentModel", "ModelKind", "load"]
+
+ModelKind = Literal["ae", "vae", "vsc"]
+MODEL_LATENT: dict[str, LatentType] = {
+    "ae": "deterministic",
+    "vae": "gaussian",
+    "vsc": "spike_slab",
+}
+_FORMAT_VERSION = 1
+
+
+class LatentModel:
+    """A trained deep AE, β-VAE or β-VSC, as returned by ``sv.tl.*(..., return_model=True)``.
+
+    Parameters
+    ----------
+    kind
+        ``"ae"``, ``"vae"`` or ``"vsc"``.
+    var_names
+        The genes the model was trained on, in order.
+    config
+        Keyword arguments of :class:`~scvae_tools.models.AutoencoderModule`
+        (``n_latent``, ``hidden``, ``beta``, ``prior_spike``, ``first_activation``).
+    module
+        The fitted module; a fresh one is built from ``config`` when None.
+    """
+
+    def __init__(
+        self,
+        kind: ModelKind,
+        var_names: Sequence[str],
+        config: dict[str, Any],
+        module: AutoencoderModule | None = None,
+    ):
+        self.kind: ModelKind = kind
+        self.var_names = [str(v) for v in var_names]
+        self.config = dict(config)
+        self.module = module or AutoencoderModule(
+            len(self.var_names), MODEL_LATENT[kind], **self.config
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LatentModel(kind={self.kind!r}, n_genes={self.n_genes}, "
+            f"n_latent={self.n_latent}, hidden={tuple(self.config['hidden'])})"
+        )
+
+    @property
+    def n_genes(self) -> int:
+        """Number of input genes."""
+        return len(self.var_names)
+
+    @property
+    def n_latent(self) -> int:
+        """Number of latent dimensions."""
+        return int(self.config["n_latent"])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the module's parameters live."""
+        return next(self.module.parameters()).device
+
+    def _matrix(self, data: AnnData | Any, layer: str | None) -> Any:
+        if isinstance(data, AnnData):
+            X = get_matrix(data, layer)
+            genes = [str(v) for v in data.var_names]
+            if genes != self.var_names:
+                missing = [g for g in self.var_names if g not in set(genes)]
+                extra = [g for g in genes if g not in set(self.var_names)]
+                detail = (
+                    f"{len(missing)} training gene(s) missing (e.g. {missing[:3]}), "
+                    f"{len(extra)} unknown gene(s) (e.g. {extra[:3]})"
+                    if missing or extra
+                    else "the same genes in a different order"
+                )
+                raise ValueError(
+                    f"The AnnData's genes differ from the {self.n_genes} genes the model was "
+                    f"trained on: {detail}. Subset and order it first: "
+                    "`adata[:, model.var_names]`."
+                )
+            return X
+        if len(data.shape) != 2 or data.shape[1] != self.n_genes:
+            raise ValueError(
+                f"Expected a matrix of shape (n_cells, {self.n_genes}) (the training genes), "
+                f"got shape {data.shape}."
+            )
+        return data
+
+    def encode(
+        self,
+        data: AnnData | Any,
+        *,
+        layer: str | None = None,
+        batch_size: int = 4096,
+        return_spike: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The latent representation of cells.
+
+        Parameters
+        ----------
+        data
+            AnnData with the training genes in the training order, or a dense or sparse matrix of
+            shape ``(n_cells, n_genes)``.
+        layer
+            Layer of an AnnData to encode; None for ``X``.
+        batch_size
+            Cells encoded at a time.
+        return_spike
+            Also return the spike probabilities (VSC only).
+
+        Returns
+        -------
+        The representation, float32 of shape ``(n_cells, n_latent)``: the code (AE), the posterior
+        mean (VAE, VSC). With ``return_spike=True``, also the spike probabilities, same shape.
+        """
+        if return_spike and self.kind != "vsc":
+            raise ValueError("`return_spike=True` needs a VSC model; this one is " + self.kind)
+        X = self._matrix(data, layer)
+        validate_matrix(X, name="the input")
+        loader = MinibatchLoader(X, batch_size, device=self.device)
+        means, spikes = [], []
+        for batch in loader.sequential(batch_size):
+            out = self.module.encode(batch)
+            means.append(out.mean.float().cpu().numpy())
+            if return_spike:
+                spikes.append(out.extras["spike"].float().cpu().numpy())
+        rep = np.concatenate(means).astype(np.float32, copy=False)
+        if return_spike:
+            return rep, np.concatenate(spikes).astype(np.float32, copy=False)
+        return rep
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model to ``path`` (a ``.pt`` file); restore it with :func:`load`."""
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        payload = {
+            "format_version": _FORMAT_VERSION,
+            "kind": self.kind,
+            "var_names": self.var_names,
+            "config": {**self.config, "hidden": list(self.config["hidden"])},
+            "state_dict": state,
+        }
+        torch.save(payload, os.fspath(path))
+
+
+def load(path: str | os.PathLike, device: str = "cpu") -> LatentModel:
+    """Restore a model written by :meth:`LatentModel.save`.
+
+    Parameters
+    ----------
+    path
+        File written by :meth:`LatentModel.save`.
+    device
+        Where to put the parameters (``"cpu"``, ``"cuda"``...).
+
+    Returns
+    -------
+    The model, in evaluation mode.
+    """
+    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if payload.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"{path} is not a scvae-tools model file (or from a newer version).")
+    model = LatentModel(payload["kind"], payload["var_names"], payload["config"])
+    model.module.load_state_dict(payload["state_dict"])
+    model.module.to(device).eval()
+    return model

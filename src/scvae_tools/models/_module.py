@@ -1,0 +1,125 @@
+"""One torch module for all three models; it knows nothing of AnnData."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ._latent import DeterministicLatent, GaussianLatent, LatentOutput, SpikeSlabLatent
+from ._losses import squared_error_gram
+from ._nn import Batch, InputLinear, OutputLinear, mlp
+
+__all__ = ["LATENT_TYPES", "AutoencoderModule", "LatentType"]
+
+LatentType = Literal["deterministic", "gaussian", "spike_slab"]
+LATENT_TYPES: dict[str, type[nn.Module]] = {
+    "deterministic": DeterministicLatent,
+    "gaussian": GaussianLatent,
+    "spike_slab": SpikeSlabLatent,
+}
+
+
+class AutoencoderModule(nn.Module):
+    """Encoder, latent layer and decoder of the write-up's architecture (section 2.4).
+
+    With ``hidden=(128, 32, 16)`` the encoder is ``n_genes -> 128`` (linear, no activation, as
+    written), ``-> 32`` (ReLU), then one ``32 -> 16 -> n_latent`` head per latent parameter; the
+    decoder is ``n_latent -> 16 -> 32 -> 128`` (ReLU) ``-> n_genes`` (linear).
+
+    Parameters
+    ----------
+    n_genes
+        Input width.
+    latent
+        ``"deterministic"`` (deep AE), ``"gaussian"`` (β-VAE) or ``"spike_slab"`` (β-VSC).
+    n_latent
+        Latent dimensions.
+    hidden
+        Encoder widths, mirrored by the decoder.
+    beta
+        Weight of the KL term (ignored by the deterministic latent).
+    prior_spike
+        Prior probability of an active latent dimension (spike-and-slab only).
+    first_activation
+        Put a ReLU after the first layer. The write-up has none; kept off by default.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        latent: LatentType,
+        *,
+        n_latent: int = 6,
+        hidden: Sequence[int] = (128, 32, 16),
+        beta: float = 2.0,
+        prior_spike: float = 0.5,
+        first_activation: bool = False,
+    ):
+        super().__init__()
+        hidden = tuple(int(h) for h in hidden)
+        body = hidden[:-1] if len(hidden) > 1 else hidden
+        head_widths = hidden[-1:] if len(hidden) > 1 else ()
+        self.beta = float(beta)
+        self.input_layer = InputLinear(n_genes, hidden[0])
+        self.first_activation = nn.ReLU() if first_activation else nn.Identity()
+        self.encoder_body = mlp(body, last_activation=True)
+        kwargs = {"prior_spike": prior_spike} if latent == "spike_slab" else {}
+        self.latent = LATENT_TYPES[latent](body[-1], head_widths, n_latent, **kwargs)
+        self.decoder_body = mlp([n_latent, *reversed(hidden)], last_activation=True)
+        self.output_layer = OutputLinear(hidden[0], n_genes)
+
+    def inference(self, batch: Batch, generator: torch.Generator | None = None) -> LatentOutput:
+        """Encode a batch: the posterior (or code) of each cell."""
+        h = self.encoder_body(self.first_activation(self.input_layer(batch)))
+        return self.latent(h, generator)
+
+    def generative(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode codes of shape ``(n_cells, n_latent)`` to the last hidden layer."""
+        return self.decoder_body(z)
+
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        """Dense reconstruction of shape ``(n_cells, n_genes)``."""
+        return self.output_layer(self.generative(z))
+
+    def reconstruction_loss(self, batch: Batch, h: torch.Tensor) -> torch.Tensor:
+        """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity."""
+        weight = self.output_layer.augmented_weight()
+        h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        return squared_error_gram(batch.sq_norm, batch.matmul(weight), h, weight.T @ weight)
+
+    def loss(
+        self, batch: Batch, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Named terms of the objective, each averaged over the cells of the batch.
+
+        ``"loss"`` is ``reconstruction + beta * kl``; ``"kl"`` is the sum of the latent layer's
+        KL terms, which are reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC).
+        """
+        latent = self.inference(batch, generator)
+        recon = self.reconstruction_loss(batch, self.generative(latent.z))
+        terms = {"reconstruction": recon.mean()}
+        total = recon
+        if latent.kl:
+            kl = torch.stack(list(latent.kl.values())).sum(0)
+            total = recon + self.beta * kl
+            terms["kl"] = kl.mean()
+            if len(latent.kl) > 1:
+                terms.update({name: value.mean() for name, value in latent.kl.items()})
+        return {"loss": total.mean(), **terms}
+
+    @torch.no_grad()
+    def encode(self, batch: Batch) -> LatentOutput:
+        """The representation of a batch, in evaluation mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.inference(batch)
+        finally:
+            self.train(was_training)
+
+    def set_progress(self, fraction: float) -> None:
+        """Forwarded to the latent layer (the VSC warms its selection sharpness up)."""
+        self.latent.set_progress(fraction)

@@ -1,0 +1,126 @@
+"""Building blocks shared by all three models: the MLP builder and the sparse-aware layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Batch", "InputLinear", "OutputLinear", "mlp"]
+
+
+@dataclass
+class Batch:
+    """A minibatch of cells, either dense or in CSR form.
+
+    Sparse batches keep only the non-zeros: ``indices`` (gene of each non-zero), ``offsets``
+    (start of each cell in ``indices``) and ``values``. ``sq_norm`` is :math:`\\lVert x \\rVert^2`
+    per cell, which the reconstruction loss needs and which costs nothing to get here.
+    """
+
+    n_cells: int
+    sq_norm: torch.Tensor
+    dense: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the batch is held as CSR."""
+        return self.dense is None
+
+    def matmul(self, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight`` for a weight of shape ``(n_genes, k)``; returns ``(n_cells, k)``.
+
+        For sparse batches this is an ``embedding_bag`` sum: one multiply per non-zero, in the
+        forward and the backward pass, and no dense copy of ``x``.
+        """
+        if self.dense is not None:
+            return self.dense @ weight
+        return F.embedding_bag(
+            self.indices, weight, self.offsets, mode="sum", per_sample_weights=self.values
+        )
+
+    def to(self, device: torch.device) -> Batch:
+        """Move every tensor to ``device``."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(
+            self.n_cells,
+            move(self.sq_norm),
+            move(self.dense),
+            move(self.indices),
+            move(self.offsets),
+            move(self.values),
+        )
+
+
+def mlp(sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
+    """Linear layers with ReLU between them.
+
+    Parameters
+    ----------
+    sizes
+        Widths ``(in, h1, ..., out)``; a single width gives an empty (identity) module.
+    last_activation
+        Whether a ReLU follows the last layer too.
+
+    Returns
+    -------
+    The layers as one :class:`torch.nn.Sequential`.
+    """
+    layers: list[nn.Module] = []
+    n_layers = len(sizes) - 1
+    for i in range(n_layers):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < n_layers - 1 or last_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class InputLinear(nn.Module):
+    """The encoder's first layer, ``x -> W x + b``, fed sparse or dense batches.
+
+    The weight is stored as ``(n_genes, n_out)`` so that a sparse batch can gather its rows.
+    """
+
+    def __init__(self, n_genes: int, n_out: int):
+        super().__init__()
+        layer = nn.Linear(n_genes, n_out)  # for PyTorch's default initialisation
+        self.weight = nn.Parameter(layer.weight.detach().T.contiguous())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Shape ``(n_cells, n_out)``."""
+        return batch.matmul(self.weight) + self.bias
+
+
+class OutputLinear(nn.Module):
+    """The decoder's last layer, ``h -> W h + b`` with ``W`` of shape ``(n_genes, n_hidden)``.
+
+    Training never calls :meth:`forward`: the loss works on :meth:`augmented_weight` and its Gram
+    matrix (:func:`~scvae_tools.models.squared_error_gram`), which is exact and avoids the dense
+    ``n_cells x n_genes`` output.
+    """
+
+    def __init__(self, n_hidden: int, n_genes: int):
+        super().__init__()
+        layer = nn.Linear(n_hidden, n_genes)
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The dense reconstruction, shape ``(n_cells, n_genes)``."""
+        return F.linear(h, self.weight, self.bias)
+
+    def augmented_weight(self) -> torch.Tensor:
+        """``[W b]``, shape ``(n_genes, n_hidden + 1)``."""
+        return torch.cat([self.weight, self.bias[:, None]], dim=1)

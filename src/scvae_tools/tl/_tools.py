@@ -1,0 +1,396 @@
+"""``sv.tl.ae``, ``sv.tl.vae`` and ``sv.tl.vsc``: train a model on an AnnData, write its latent."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from .._data import MinibatchLoader, get_matrix, validate_matrix
+from .._training import TrainingDivergedError, train
+from ..models._model import LatentModel, ModelKind
+
+__all__ = ["ae", "vae", "vsc"]
+
+Device = Literal["auto", "cpu", "cuda"] | str
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _check_float(
+    name: str, value: Any, *, low: float, high: float = math.inf, open_low: bool, open_high=False
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.")
+    v = float(value)
+    too_low = v <= low if open_low else v < low
+    too_high = v >= high if open_high else v > high
+    if not math.isfinite(v) or too_low or too_high:
+        lo = "(" if open_low else "["
+        hi = ")" if open_high or high == math.inf else "]"
+        raise ValueError(f"`{name}` must lie in {lo}{low:g}, {high:g}{hi}, got {value!r}.")
+    return v
+
+
+def _check_hidden(hidden: Any) -> tuple[int, ...]:
+    if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+        hidden = (hidden,)
+    if not isinstance(hidden, Sequence) or isinstance(hidden, str) or len(hidden) == 0:
+        raise ValueError(
+            f"`hidden` must be a non-empty sequence of layer widths such as (128, 32, 16), "
+            f"got {hidden!r}."
+        )
+    return tuple(_check_int("hidden", h) for h in hidden)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when torch sees a GPU, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no GPU. Use device='auto'.")
+    return dev
+
+
+def _fit(
+    kind: ModelKind,
+    adata: AnnData,
+    *,
+    model_options: dict[str, Any],
+    n_latent: int,
+    hidden: Sequence[int],
+    layer: str | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    random_state: int,
+    device: Device,
+    key_added: str | None,
+    progress: bool,
+    return_model: bool,
+    copy: bool,
+) -> AnnData | LatentModel | tuple[AnnData, LatentModel] | None:
+    # Everything is checked and computed before the AnnData is touched, so any failure (bad
+    # input, divergence, Ctrl-C) leaves it exactly as it was.
+    n_latent = _check_int("n_latent", n_latent)
+    hidden = _check_hidden(hidden)
+    epochs = _check_int("epochs", epochs)
+    batch_size = _check_int("batch_size", batch_size)
+    lr = _check_float("lr", lr, low=0.0, open_low=True)
+    random_state = _check_int("random_state", random_state, minimum=0)
+    if key_added is not None and (not isinstance(key_added, str) or not key_added):
+        raise ValueError(f"`key_added` must be a non-empty string or None, got {key_added!r}.")
+    dev = resolve_device(device)
+
+    X = get_matrix(adata, layer)
+    matrix_name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    validate_matrix(X, name=matrix_name)
+
+    config = {"n_latent": n_latent, "hidden": list(hidden), **model_options}
+    # Weight initialisation draws from torch's global generator: fork it so the caller's random
+    # state is untouched and the same random_state always gives the same weights.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(random_state)
+        model = LatentModel(kind, adata.var_names, config)
+    model.module.to(dev)
+    loader = MinibatchLoader(X, batch_size, device=dev)
+    result = train(
+        model.module,
+        loader,
+        epochs=epochs,
+        lr=lr,
+        random_state=random_state,
+        progress=progress,
+        description=f"sv.tl.{kind}",
+    )
+    model.module.eval()
+    encoded = model.encode(X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc")
+    rep, spike = encoded if kind == "vsc" else (encoded, None)
+    if not np.isfinite(rep).all():
+        raise TrainingDivergedError(
+            "Training produced non-finite latent values. Try a lower learning rate "
+            f"(lr={lr:g} now)."
+        )
+
+    params = {
+        "model": kind,
+        "n_latent": n_latent,
+        "hidden": np.asarray(hidden),
+        **model_options,
+        "layer": "X" if layer is None else layer,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "random_state": random_state,
+        "device": str(dev),
+        "n_obs": int(X.shape[0]),
+        "n_vars": int(X.shape[1]),
+    }
+    record = {
+        "params": params,
+        "history": result.history,
+        "training_time_s": result.seconds,
+        "seconds_per_epoch": result.seconds / epochs,
+    }
+
+    target = adata.to_memory() if copy and adata.isbacked else adata.copy() if copy else adata
+    obsm_key = key_added or f"X_{kind}"
+    target.obsm[obsm_key] = rep
+    if spike is not None:
+        target.obsm[f"{obsm_key}_spike"] = spike
+    target.uns[key_added or kind] = record
+
+    if copy and return_model:
+        return target, model
+    if copy:
+        return target
+    if return_model:
+        return model
+    return None
+
+
+_COMMON_DOC = """
+    n_latent
+        Number of latent dimensions.
+    hidden
+        Encoder widths; the decoder mirrors them. ``(128, 32, 16)`` is the write-up's
+        ``n_genes -> 128 -> 32 -> 16 -> n_latent``. The first layer is linear, as in the write-up.
+    layer
+        Train on ``adata.layers[layer]`` instead of ``adata.X``.
+    epochs
+        Passes over all cells.
+    batch_size
+        Cells per minibatch.
+    lr
+        Adam learning rate.
+    random_state
+        Seed of the weight initialisation, the minibatch order and the latent samples. Local
+        generators are used: the global NumPy and torch random states are left untouched.
+    device
+        ``"auto"`` (a GPU when torch sees one, else the CPU), ``"cpu"`` or ``"cuda"``.
+    key_added
+        Write ``obsm[key_added]`` and ``uns[key_added]`` instead of the defaults.
+    progress
+        Show a progress bar over epochs with the current loss; False prints nothing.
+    return_model
+        Also return the fitted :class:`~scvae_tools.models.LatentModel`.
+    copy
+        Work on a copy of ``adata`` and return it.
+
+    Returns
+    -------
+    None, or the copy with ``copy=True``, or the model with ``return_model=True``, or
+    ``(adata, model)`` with both. Sets:
+
+    ``adata.obsm["X_{name}"]`` : :class:`numpy.ndarray` ``(n_obs, n_latent)``, float32
+        {rep}
+    ``adata.uns["{name}"]`` : :class:`dict`
+        ``params`` (every argument that shaped the result, plus ``n_obs``, ``n_vars`` and the
+        ``layer`` used, ``"X"`` for ``adata.X``), ``history`` (one value per epoch of ``loss``
+        and each of its terms, averaged over cells) and ``training_time_s``.
+{extra}
+    Notes
+    -----
+    The input is any numeric matrix (dense or sparse, integer or float; AnnData views and
+    ``backed="r"`` work too); sparse data stays sparse. It should be log-normalised
+    (``sc.pp.normalize_total`` + ``sc.pp.log1p``): the reconstruction error is the squared error
+    summed over genes, averaged over the cells of a minibatch.{beta_note}
+
+    Raises
+    ------
+    ValueError
+        NaN or infinite input, an empty AnnData, invalid hyperparameters.
+    KeyError
+        ``layer`` is not in ``adata.layers``.
+    scvae_tools.TrainingDivergedError
+        The loss became NaN; nothing is written.
+"""
+
+_BETA_NOTE = (
+    " ``beta`` multiplies the per-cell KL, so it is measured against the per-cell squared error "
+    "summed over all genes: the same ``beta`` regularises less when there are more genes."
+)
+
+
+def _doc(name: str, rep: str, extra: str = "", beta_note: str = "") -> str:
+    return _COMMON_DOC.format(name=name, rep=rep, extra=extra, beta_note=beta_note)
+
+
+def ae(
+    adata: AnnData,
+    *,
+    n_latent: int = 6,
+    hidden: Sequence[int] = (128, 32, 16),
+    layer: str | None = None,
+    epochs: int = 200,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    random_state: int = 0,
+    device: Device = "auto",
+    key_added: str | None = None,
+    progress: bool = True,
+    return_model: bool = False,
+    copy: bool = False,
+) -> AnnData | LatentModel | tuple[AnnData, LatentModel] | None:
+    return _fit(
+        "ae",
+        adata,
+        model_options={},
+        n_latent=n_latent,
+        hidden=hidden,
+        layer=layer,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        random_state=random_state,
+        device=device,
+        key_added=key_added,
+        progress=progress,
+        return_model=return_model,
+        copy=copy,
+    )
+
+
+def vae(
+    adata: AnnData,
+    *,
+    beta: float = 2.0,
+    n_latent: int = 6,
+    hidden: Sequence[int] = (128, 32, 16),
+    layer: str | None = None,
+    epochs: int = 200,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    random_state: int = 0,
+    device: Device = "auto",
+    key_added: str | None = None,
+    progress: bool = True,
+    return_model: bool = False,
+    copy: bool = False,
+) -> AnnData | LatentModel | tuple[AnnData, LatentModel] | None:
+    beta = _check_float("beta", beta, low=0.0, open_low=False)
+    return _fit(
+        "vae",
+        adata,
+        model_options={"beta": beta},
+        n_latent=n_latent,
+        hidden=hidden,
+        layer=layer,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        random_state=random_state,
+        device=device,
+        key_added=key_added,
+        progress=progress,
+        return_model=return_model,
+        copy=copy,
+    )
+
+
+def vsc(
+    adata: AnnData,
+    *,
+    beta: float = 2.0,
+    prior_spike: float = 0.5,
+    n_latent: int = 6,
+    hidden: Sequence[int] = (128, 32, 16),
+    layer: str | None = None,
+    epochs: int = 200,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    random_state: int = 0,
+    device: Device = "auto",
+    key_added: str | None = None,
+    progress: bool = True,
+    return_model: bool = False,
+    copy: bool = False,
+) -> AnnData | LatentModel | tuple[AnnData, LatentModel] | None:
+    beta = _check_float("beta", beta, low=0.0, open_low=False)
+    prior_spike = _check_float(
+        "prior_spike", prior_spike, low=0.0, high=1.0, open_low=True, open_high=True
+    )
+    return _fit(
+        "vsc",
+        adata,
+        model_options={"beta": beta, "prior_spike": prior_spike},
+        n_latent=n_latent,
+        hidden=hidden,
+        layer=layer,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        random_state=random_state,
+        device=device,
+        key_added=key_added,
+        progress=progress,
+        return_model=return_model,
+        copy=copy,
+    )
+
+
+ae.__doc__ = """Deep autoencoder latent space (write-up section 2.4.1).
+
+    Trains ``n_genes -> 128 -> 32 -> 16 -> n_latent -> 16 -> 32 -> 128 -> n_genes`` to minimise
+    the squared reconstruction error, and stores the bottleneck code of every cell.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised.""" + _doc(
+    "ae", "The bottleneck code of each cell."
+)
+
+vae.__doc__ = """β-VAE latent space (write-up section 2.4.2; Higgins et al., 2017).
+
+    Minimises ``reconstruction + beta * KL(q(z|x) || N(0, I))`` and stores the posterior mean of
+    every cell.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised.
+    beta
+        Weight of the KL term.""" + _doc(
+    "vae", "The posterior mean of each cell.", beta_note=_BETA_NOTE
+)
+
+vsc.__doc__ = """β-VSC latent space: variational sparse coding (Tonolini, Sand Jensen & Murray-Smith, 2019).
+
+    A VAE with a spike-and-slab prior: each latent dimension of a cell is either exactly zero
+    (spike) or Gaussian (slab). Minimises ``reconstruction + beta * (KL_slab + KL_spike)`` and
+    stores the posterior mean ``gamma * mu`` of every cell. The sharpness of the relaxed spike
+    selection is warmed up from 50 to 200 over training.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised.
+    beta
+        Weight of the whole KL term (slab and spike).
+    prior_spike
+        Prior probability ``alpha`` that a latent dimension is active, in ``(0, 1)``.""" + _doc(
+    "vsc",
+    "The posterior mean (spike probability x slab mean) of each cell.",
+    extra=(
+        '    ``adata.obsm["X_vsc_spike"]`` : :class:`numpy.ndarray` ``(n_obs, n_latent)``\n'
+        "        Probability that each latent dimension of each cell is active, in [0, 1].\n"
+        "        With ``key_added``, the key is ``key_added + '_spike'``.\n"
+    ),
+    beta_note=_BETA_NOTE,
+)
