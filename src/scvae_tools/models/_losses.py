@@ -1,4 +1,4 @@
-"""Loss terms of the three models, one short function each.
+r"""Loss terms of the three models, one short function each.
 
 All functions return one value per cell (shape ``(n_cells,)``); the training loop averages them
 over the cells of a minibatch. The total objective of a cell is

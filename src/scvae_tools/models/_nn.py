@@ -14,7 +14,7 @@ __all__ = ["Batch", "InputLinear", "OutputLinear", "mlp"]
 
 @dataclass
 class Batch:
-    """A minibatch of cells, either dense or in CSR form.
+    r"""A minibatch of cells, either dense or in CSR form.
 
     Sparse batches keep only the non-zeros: ``indices`` (gene of each non-zero), ``offsets``
     (start of each cell in ``indices``) and ``values``. ``sq_norm`` is :math:`\\lVert x \\rVert^2`
