@@ -370,7 +370,7 @@ vae.__doc__ = """β-VAE latent space (write-up section 2.4.2; Higgins et al., 20
     "vae", "The posterior mean of each cell.", beta_note=_BETA_NOTE
 )
 
-vsc.__doc__ = """β-VSC latent space: variational sparse coding (Tonolini, Sand Jensen & Murray-Smith, 2019).
+vsc.__doc__ = """β-VSC latent space: variational sparse coding (Tonolini et al., 2019).
 
     A VAE with a spike-and-slab prior: each latent dimension of a cell is either exactly zero
     (spike) or Gaussian (slab). Minimises ``reconstruction + beta * (KL_slab + KL_spike)`` and
