@@ -136,25 +136,53 @@ def validate_matrix(X: Any, *, name: str = "adata.X") -> None:
         )
 
 
-def to_batch(block: Any) -> Batch:
-    """One in-memory block of rows as a :class:`~scvae_tools.models.Batch`."""
+def _row_sq_norms(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
+    r"""Squared norm of each CSR row, :math:`\sum_g x_g^2`."""
+    sums = np.zeros(len(indptr) - 1, dtype=np.float64)
+    nonempty = indptr[1:] > indptr[:-1]
+    if nonempty.any():
+        # Segments between the starts of consecutive non-empty rows are exactly those rows.
+        sums[nonempty] = np.add.reduceat(np.square(values, dtype=np.float64), indptr[:-1][nonempty])
+    return sums.astype(np.float32)
+
+
+def to_batch(block: Any, *, for_training: bool = False) -> Batch:
+    """One in-memory block of rows as a :class:`~scvae_tools.models.Batch`.
+
+    With ``for_training``, sparse blocks also carry their transpose (as torch CSR), which the
+    backward pass of the first layer multiplies with.
+    """
     if sp.issparse(block):
         block = sp.csr_matrix(block)
         if not block.has_canonical_format:
             block = block.copy()
             block.sum_duplicates()
-        values = np.asarray(block.data, dtype=np.float32)
-        indptr = block.indptr.astype(np.int64, copy=False)
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(indptr))
-        sq_norm = np.bincount(
-            rows, weights=values.astype(np.float64) ** 2, minlength=block.shape[0]
-        )
+        if block.dtype != np.float32:
+            block = block.astype(np.float32)
+        # torch takes scipy's int32 index arrays as they are: no int64 copies per batch.
+        index_dtype = np.result_type(block.indices.dtype, block.indptr.dtype)
+        indices = block.indices.astype(index_dtype, copy=False)
+        indptr = block.indptr.astype(index_dtype, copy=False)
+        transposed = None
+        if for_training:
+            # The CSC arrays of the batch are exactly the CSR arrays of its transpose.
+            csc = block.tocsc()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+                transposed = torch.sparse_csr_tensor(
+                    torch.from_numpy(csc.indptr.astype(index_dtype, copy=False)),
+                    torch.from_numpy(csc.indices.astype(index_dtype, copy=False)),
+                    torch.from_numpy(csc.data),
+                    size=csc.shape[::-1],
+                    check_invariants=False,
+                )
         return Batch(
             n_cells=block.shape[0],
-            sq_norm=torch.from_numpy(sq_norm.astype(np.float32)),
-            indices=torch.from_numpy(block.indices.astype(np.int64)),
-            offsets=torch.from_numpy(indptr[:-1].copy()),
-            values=torch.from_numpy(values),
+            sq_norm=torch.from_numpy(_row_sq_norms(indptr, block.data)),
+            indices=torch.from_numpy(indices),
+            offsets=torch.from_numpy(indptr[:-1]),
+            values=torch.from_numpy(block.data),
+            transposed=transposed,
         )
     dense = np.ascontiguousarray(block, dtype=np.float32)
     dense_t = torch.from_numpy(dense)
@@ -192,7 +220,7 @@ class MinibatchLoader:
         for start in range(0, self.n_cells, self.batch_size):
             # Sorted rows read faster from CSR and from disk; order within a batch is irrelevant.
             rows = np.sort(order[start : start + self.batch_size])
-            yield to_batch(_take_rows(self.X, rows)).to(self.device)
+            yield to_batch(_take_rows(self.X, rows), for_training=True).to(self.device)
 
     def sequential(self, block_rows: int = 4096) -> Iterator[Batch]:
         """All cells in their order, for encoding."""

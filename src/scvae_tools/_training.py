@@ -51,7 +51,7 @@ def train(
     rng = np.random.default_rng(random_state)
     generator = torch.Generator(device=device)
     generator.manual_seed(random_state)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, fused=True)
     module.train()
 
     names: list[str] | None = None

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._latent import DeterministicLatent, GaussianLatent, LatentOutput, SpikeSlabLatent
 from ._losses import squared_error_gram
-from ._nn import Batch, InputLinear, OutputLinear, mlp
+from ._nn import Batch, InputLinear, OutputLinear, gram, mlp
 
 __all__ = ["LATENT_TYPES", "AutoencoderModule", "LatentType"]
 
@@ -86,9 +86,9 @@ class AutoencoderModule(nn.Module):
 
     def reconstruction_loss(self, batch: Batch, h: torch.Tensor) -> torch.Tensor:
         """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity."""
-        weight = self.output_layer.augmented_weight()
+        weight = self.output_layer.weight
         h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
-        return squared_error_gram(batch.sq_norm, batch.matmul(weight), h, weight.T @ weight)
+        return squared_error_gram(batch.sq_norm, batch.matmul(weight), h, gram(weight))
 
     def loss(
         self, batch: Batch, generator: torch.Generator | None = None
