@@ -1,0 +1,138 @@
+"""The torch side: loss terms, the Gram identity, the sparse first layer, the latent layers."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from scvae_tools._data import to_batch
+from scvae_tools.models import (
+    AutoencoderModule,
+    SpikeSlabLatent,
+    bernoulli_kl,
+    gaussian_kl,
+    spike_slab_kl,
+    squared_error,
+)
+
+
+def _sparse_block(seed=0, n_cells=40, n_genes=30):
+    rng = np.random.default_rng(seed)
+    dense = rng.random((n_cells, n_genes)).astype(np.float32)
+    dense[dense < 0.7] = 0
+    dense[5] = 0  # an empty cell
+    return sp.csr_matrix(dense), dense
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gram_reconstruction_equals_dense_squared_error(sparse):
+    csr, dense = _sparse_block()
+    torch.manual_seed(0)
+    module = AutoencoderModule(dense.shape[1], "deterministic", n_latent=3, hidden=(16, 8, 4))
+    h = torch.randn(dense.shape[0], 16, requires_grad=True)
+    batch = to_batch(csr if sparse else dense, for_training=True)
+    gram_loss = module.reconstruction_loss(batch, h)
+    reference = squared_error(torch.from_numpy(dense), module.output_layer(h))
+    torch.testing.assert_close(gram_loss, reference, rtol=1e-4, atol=1e-4)
+    # The gradients are the same too, for the weights and for the hidden layer.
+    grads = torch.autograd.grad(gram_loss.sum(), [h, module.output_layer.weight])
+    ref_grads = torch.autograd.grad(reference.sum(), [h, module.output_layer.weight])
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_first_layer_matches_dense_in_value_and_gradient():
+    csr, dense = _sparse_block(seed=1)
+    weight = torch.randn(dense.shape[1], 5, requires_grad=True)
+    out = to_batch(csr, for_training=True).matmul(weight)
+    (grad,) = torch.autograd.grad((out**2).sum(), weight)
+    ref = torch.from_numpy(dense) @ weight
+    (ref_grad,) = torch.autograd.grad((ref**2).sum(), weight)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norms_include_empty_cells():
+    csr, dense = _sparse_block(seed=2)
+    batch = to_batch(csr)
+    np.testing.assert_allclose(batch.sq_norm.numpy(), (dense**2).sum(1), rtol=1e-5)
+    assert batch.sq_norm[5] == 0
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mu, log_sigma = torch.randn(7, 4), torch.randn(7, 4) * 0.5
+    expected = kl_divergence(Normal(mu, log_sigma.exp()), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mu, log_sigma), expected)
+
+
+def test_bernoulli_kl_matches_torch_distributions():
+    gamma = torch.rand(7, 4) * 0.98 + 0.01
+    expected = kl_divergence(Bernoulli(probs=gamma), Bernoulli(probs=torch.tensor(0.2))).sum(-1)
+    torch.testing.assert_close(bernoulli_kl(gamma, 0.2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_spike_slab_kl_splits_into_weighted_slab_and_spike():
+    mu, log_sigma, logits = torch.randn(6, 3), torch.randn(6, 3) * 0.3, torch.randn(6, 3)
+    slab, spike = spike_slab_kl(mu, log_sigma, logits, alpha=0.5)
+    gamma = torch.sigmoid(logits)
+    per_dim = kl_divergence(Normal(mu, log_sigma.exp()), Normal(0.0, 1.0))
+    torch.testing.assert_close(slab, (gamma * per_dim).sum(-1))
+    torch.testing.assert_close(spike, bernoulli_kl(gamma, 0.5))
+    # A dimension that is surely on (gamma -> 1) costs the Gaussian KL plus log(1 / alpha).
+    slab1, spike1 = spike_slab_kl(mu, log_sigma, torch.full_like(logits, 30.0), alpha=0.25)
+    torch.testing.assert_close(slab1, per_dim.sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(spike1, torch.full((6,), 3 * np.log(4.0)), rtol=1e-3, atol=1e-3)
+
+
+def test_spike_probabilities_keep_their_gradient_when_nearly_on():
+    # The paper's log(gamma) = -relu(-v) has zero gradient once gamma = 1; ours does not.
+    latent = SpikeSlabLatent(4, (), 3)
+    h = torch.randn(8, 4)
+    with torch.no_grad():
+        latent.heads["spike_logits"][-1].bias.fill_(6.0)  # gamma ~ 0.998
+    out = latent(h)
+    loss = out.kl["kl_spike"].sum() + out.z.pow(2).sum()
+    grad = torch.autograd.grad(loss, latent.heads["spike_logits"][-1].bias)[0]
+    assert torch.all(grad.abs() > 0)
+
+
+def test_sharpness_warms_up_from_50_to_200():
+    latent = SpikeSlabLatent(4, (), 2)
+    latent.set_progress(0.0)
+    assert latent.sharpness == 50
+    latent.set_progress(0.5)
+    assert latent.sharpness == 125
+    latent.set_progress(1.0)
+    assert latent.sharpness == 200
+
+
+@pytest.mark.parametrize("latent", ["gaussian", "spike_slab"])
+def test_beta_multiplies_the_whole_kl(latent):
+    csr, dense = _sparse_block(seed=3)
+    batch = to_batch(csr, for_training=True)
+    losses = {}
+    for beta in (0.0, 1.0, 5.0):
+        torch.manual_seed(0)
+        module = AutoencoderModule(dense.shape[1], latent, hidden=(16, 8, 4), beta=beta)
+        g = torch.Generator().manual_seed(1)
+        losses[beta] = module.loss(batch, g)
+    for beta, terms in losses.items():
+        torch.testing.assert_close(terms["loss"], terms["reconstruction"] + beta * terms["kl"])
+        if latent == "spike_slab":
+            torch.testing.assert_close(terms["kl"], terms["kl_slab"] + terms["kl_spike"])
+    assert losses[5.0]["loss"] > losses[1.0]["loss"] > losses[0.0]["loss"]
+
+
+def test_architecture_follows_the_write_up():
+    module = AutoencoderModule(100, "spike_slab")
+    assert module.input_layer.weight.shape == (100, 128)
+    assert isinstance(module.first_activation, torch.nn.Identity)  # linear first layer
+    widths = [m.out_features for m in module.encoder_body if isinstance(m, torch.nn.Linear)]
+    assert widths == [32]
+    assert set(module.latent.heads) == {"mu", "log_sigma", "spike_logits"}
+    head = [m.out_features for m in module.latent.heads["mu"] if isinstance(m, torch.nn.Linear)]
+    assert head == [16, 6]
+    dec = [m.out_features for m in module.decoder_body if isinstance(m, torch.nn.Linear)]
+    assert dec == [16, 32, 128]
+    assert module.output_layer.weight.shape == (100, 129)

@@ -1,0 +1,420 @@
+"""sv.tl.ae / vae / vsc as a scanpy user sees them."""
+
+import subprocess
+import sys
+import textwrap
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from _synthetic import SHARED_PBMC3K, log_adata
+
+import scvae_tools as sv
+from scvae_tools.models import LatentModel
+
+matplotlib.use("Agg")
+
+TOOLS = {"ae": sv.tl.ae, "vae": sv.tl.vae, "vsc": sv.tl.vsc}
+FAST = {"epochs": 3, "batch_size": 64, "progress": False}
+
+
+def _snapshot(adata):
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X)
+    return {
+        "X": X,
+        "obs": adata.obs.copy(),
+        "var": adata.var.copy(),
+        "obsm": set(adata.obsm),
+        "uns": set(adata.uns),
+        "layers": {k: v.copy() for k, v in adata.layers.items()},
+    }
+
+
+def _assert_unchanged(adata, snap):
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    np.testing.assert_array_equal(X, snap["X"])
+    assert adata.obs.equals(snap["obs"]) and adata.var.equals(snap["var"])
+    assert set(adata.obsm) == snap["obsm"] and set(adata.uns) == snap["uns"]
+    for k, v in snap["layers"].items():
+        assert (adata.layers[k] != v).nnz == 0
+
+
+@pytest.mark.parametrize("name", list(TOOLS))
+def test_tool_writes_latent_and_record_and_nothing_else(name):
+    adata = log_adata()
+    snap = _snapshot(adata)
+    assert TOOLS[name](adata, **FAST) is None
+    rep = adata.obsm[f"X_{name}"]
+    assert rep.dtype == np.float32 and rep.shape == (adata.n_obs, 6)
+    assert np.isfinite(rep).all() and rep.std(0).min() > 0
+    record = adata.uns[name]
+    assert record["params"]["epochs"] == 3 and record["params"]["model"] == name
+    assert record["params"]["layer"] == "X"
+    assert (record["params"]["n_obs"], record["params"]["n_vars"]) == adata.shape
+    assert list(record["params"]["hidden"]) == [128, 32, 16]
+    history = record["history"]
+    assert {"loss", "reconstruction"} <= set(history)
+    assert all(len(v) == 3 for v in history.values())
+    assert record["training_time_s"] > 0
+    new_obsm = {f"X_{name}"} | ({"X_vsc_spike"} if name == "vsc" else set())
+    assert set(adata.obsm) == snap["obsm"] | new_obsm
+    assert set(adata.uns) == snap["uns"] | {name}
+    adata.obsm.clear()
+    adata.uns.clear()
+    snap["obsm"], snap["uns"] = set(), set()
+    _assert_unchanged(adata, snap)
+
+
+def test_history_terms_per_model():
+    adata = log_adata()
+    for tool in TOOLS.values():
+        tool(adata, **FAST)
+    assert set(adata.uns["ae"]["history"]) == {"loss", "reconstruction"}
+    assert set(adata.uns["vae"]["history"]) == {"loss", "reconstruction", "kl"}
+    assert set(adata.uns["vsc"]["history"]) == {
+        "loss",
+        "reconstruction",
+        "kl",
+        "kl_slab",
+        "kl_spike",
+    }
+    h = adata.uns["vae"]["history"]
+    np.testing.assert_allclose(h["loss"], h["reconstruction"] + 2.0 * h["kl"], rtol=1e-5)
+
+
+def test_training_reduces_the_loss():
+    adata = log_adata()
+    sv.tl.vae(adata, epochs=30, batch_size=64, progress=False)
+    loss = adata.uns["vae"]["history"]["loss"]
+    assert loss[-1] < 0.8 * loss[0]
+
+
+def test_latent_separates_groups():
+    adata = log_adata(n_cells=300)
+    sv.tl.ae(adata, epochs=40, batch_size=64, progress=False)
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    pred = KMeans(3, n_init=10, random_state=0).fit_predict(adata.obsm["X_ae"])
+    assert adjusted_rand_score(adata.obs["group"], pred) > 0.8
+
+
+def test_vsc_spike_probabilities_and_mean():
+    adata = log_adata()
+    model = sv.tl.vsc(adata, **FAST, return_model=True)
+    spike = adata.obsm["X_vsc_spike"]
+    assert spike.shape == (adata.n_obs, 6) and spike.min() >= 0 and spike.max() <= 1
+    rep, spike2 = model.encode(adata, return_spike=True)
+    np.testing.assert_allclose(rep, adata.obsm["X_vsc"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(spike2, spike, rtol=1e-5, atol=1e-6)
+
+
+def test_vsc_beta_is_applied():
+    # The write-up's VSC silently trained with beta=1: a larger beta must shrink the KL.
+    adata = log_adata()
+    kls = {}
+    for beta in (0.1, 50.0):
+        sv.tl.vsc(adata, beta=beta, epochs=15, batch_size=64, progress=False)
+        assert adata.uns["vsc"]["params"]["beta"] == beta
+        kls[beta] = adata.uns["vsc"]["history"]["kl"][-1]
+    assert kls[50.0] < 0.5 * kls[0.1]
+
+
+def test_key_added():
+    adata = log_adata()
+    sv.tl.vsc(adata, key_added="vsc_b4", beta=4.0, **FAST)
+    assert {"vsc_b4", "vsc_b4_spike"} <= set(adata.obsm)
+    assert "vsc_b4" in adata.uns and "X_vsc" not in adata.obsm and "vsc" not in adata.uns
+
+
+def test_copy_and_return_model():
+    adata = log_adata()
+    out = sv.tl.ae(adata, copy=True, **FAST)
+    assert isinstance(out, ad.AnnData) and out is not adata
+    assert "X_ae" in out.obsm and "X_ae" not in adata.obsm
+    model = sv.tl.ae(adata, return_model=True, **FAST)
+    assert isinstance(model, LatentModel) and model.n_latent == 6
+    both = sv.tl.ae(adata, return_model=True, copy=True, **FAST)
+    assert isinstance(both[0], ad.AnnData) and isinstance(both[1], LatentModel)
+
+
+def test_same_random_state_same_result_and_global_state_untouched():
+    adata = log_adata()
+    np.random.seed(123)
+    torch.manual_seed(123)
+    np_state, torch_state = np.random.get_state(), torch.get_rng_state()
+    sv.tl.vsc(adata, random_state=7, **FAST)
+    first = adata.obsm["X_vsc"].copy()
+    sv.tl.vsc(adata, random_state=7, **FAST)
+    np.testing.assert_array_equal(first, adata.obsm["X_vsc"])
+    sv.tl.vsc(adata, random_state=8, **FAST)
+    assert not np.allclose(first, adata.obsm["X_vsc"])
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense", "int_dense", "view"])
+def test_input_formats_agree(kind):
+    adata = log_adata()
+    sv.tl.ae(adata, **FAST)
+    reference = adata.obsm["X_ae"]
+    dense = adata.X.toarray()
+    if kind == "csr":
+        other = adata.copy()
+    elif kind == "csc":
+        other = ad.AnnData(sp.csc_matrix(adata.X), obs=adata.obs, var=adata.var)
+    elif kind == "dense":
+        other = ad.AnnData(dense, obs=adata.obs, var=adata.var)
+    elif kind == "int_dense":
+        other = ad.AnnData((dense * 0).astype(np.int64), obs=adata.obs, var=adata.var)
+        other.X[:, :5] = 1
+        sv.tl.ae(other, **FAST)
+        assert np.isfinite(other.obsm["X_ae"]).all()
+        return
+    else:
+        big = ad.concat([adata, log_adata(seed=1)], index_unique="-")
+        other = big[: adata.n_obs]
+        other.obs_names = adata.obs_names
+    sv.tl.ae(other, **FAST)
+    np.testing.assert_allclose(other.obsm["X_ae"], reference, rtol=1e-3, atol=1e-3)
+
+
+def test_layer_and_backed(tmp_path):
+    adata = log_adata()
+    adata.layers["lognorm"] = adata.X.copy()
+    adata.X = adata.layers["counts"].copy()
+    sv.tl.vae(adata, layer="lognorm", **FAST)
+    assert adata.uns["vae"]["params"]["layer"] == "lognorm"
+    path = tmp_path / "data.h5ad"
+    ad.AnnData(adata.layers["lognorm"], obs=adata.obs, var=adata.var).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    sv.tl.vae(backed, **FAST)
+    np.testing.assert_array_equal(backed.obsm["X_vae"], adata.obsm["X_vae"])
+    backed.file.close()
+
+
+def test_uns_record_survives_h5ad_round_trip(tmp_path):
+    adata = log_adata()
+    sv.tl.vsc(adata, **FAST)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_vsc"], adata.obsm["X_vsc"])
+    np.testing.assert_allclose(
+        back.uns["vsc"]["history"]["loss"], adata.uns["vsc"]["history"]["loss"]
+    )
+    assert back.uns["vsc"]["params"]["prior_spike"] == 0.5
+
+
+def test_progress_bar_and_quiet(capfd):
+    adata = log_adata()
+    sv.tl.ae(adata, epochs=2, batch_size=64, progress=False)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    sv.tl.ae(adata, epochs=2, batch_size=64, progress=True)
+    out, err = capfd.readouterr()
+    assert "sv.tl.ae" in err and "loss=" in err and "2/2" in err
+
+
+# --- bad input: clear errors, nothing changed -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"n_latent": 0}, ValueError, "n_latent"),
+        ({"n_latent": 2.5}, TypeError, "n_latent"),
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"batch_size": -1}, ValueError, "batch_size"),
+        ({"hidden": ()}, ValueError, "hidden"),
+        ({"hidden": (64, 0)}, ValueError, "hidden"),
+        ({"lr": 0.0}, ValueError, "lr"),
+        ({"lr": float("nan")}, ValueError, "lr"),
+        ({"beta": -1.0}, ValueError, "beta"),
+        ({"prior_spike": 1.0}, ValueError, "prior_spike"),
+        ({"prior_spike": 0.0}, ValueError, "prior_spike"),
+        ({"device": "tpu9"}, ValueError, "device"),
+        ({"key_added": ""}, ValueError, "key_added"),
+    ],
+)
+def test_invalid_hyperparameters(options, error, match):
+    adata = log_adata()
+    snap = _snapshot(adata)
+    with pytest.raises(error, match=match):
+        sv.tl.vsc(adata, **{**FAST, **options})
+    _assert_unchanged(adata, snap)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_nan_or_inf_input(bad, sparse):
+    adata = log_adata(sparse=sparse)
+    if sparse:
+        adata.X.data[3] = bad
+    else:
+        adata.X[2, 3] = bad
+    snap_obsm = set(adata.obsm)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sv.tl.ae(adata, **FAST)
+    assert set(adata.obsm) == snap_obsm and "ae" not in adata.uns
+
+
+def test_empty_anndata():
+    with pytest.raises(ValueError, match="empty"):
+        sv.tl.ae(ad.AnnData(np.zeros((0, 5), dtype=np.float32)), **FAST)
+    with pytest.raises(ValueError, match="empty"):
+        sv.tl.ae(ad.AnnData(np.zeros((5, 0), dtype=np.float32)), **FAST)
+
+
+def test_missing_layer_lists_present_layers():
+    adata = log_adata()
+    with pytest.raises(KeyError, match=r"'lognorm' not found.*'counts'"):
+        sv.tl.vae(adata, layer="lognorm", **FAST)
+
+
+def test_not_an_anndata():
+    with pytest.raises(TypeError, match="AnnData"):
+        sv.tl.ae(np.ones((4, 4)), **FAST)
+
+
+def test_raw_counts_warn():
+    adata = log_adata()
+    adata.X = adata.layers["counts"] * 50
+    with pytest.warns(UserWarning, match="raw counts"):
+        sv.tl.ae(adata, **FAST)
+
+
+@pytest.mark.filterwarnings("ignore:.*raw counts")
+def test_divergence_stops_names_epoch_and_writes_nothing():
+    adata = log_adata()
+    adata.X = adata.X * 1e18  # squared errors overflow float32
+    snap = _snapshot(adata)
+    with pytest.raises(sv.TrainingDivergedError, match=r"epoch 1 of 3.*lower learning rate"):
+        sv.tl.vae(adata, **FAST)
+    _assert_unchanged(adata, snap)
+
+
+def test_interrupt_leaves_anndata_unchanged(monkeypatch):
+    adata = log_adata()
+    snap = _snapshot(adata)
+    from scvae_tools.models import AutoencoderModule
+
+    calls = {"n": 0}
+    original = AutoencoderModule.loss
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderModule, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sv.tl.vsc(adata, **FAST)
+    _assert_unchanged(adata, snap)
+
+
+# --- the fitted model ---------------------------------------------------------------------------
+
+
+def test_model_encode_save_load(tmp_path):
+    adata = log_adata()
+    model = sv.tl.vae(adata, return_model=True, **FAST)
+    np.testing.assert_allclose(model.encode(adata), adata.obsm["X_vae"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.encode(adata.X), adata.obsm["X_vae"], rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "vae.pt")
+    loaded = sv.models.load(tmp_path / "vae.pt")
+    assert loaded.kind == "vae" and loaded.var_names == list(adata.var_names)
+    np.testing.assert_allclose(loaded.encode(adata), adata.obsm["X_vae"], rtol=1e-5, atol=1e-6)
+
+
+def test_model_rejects_other_genes():
+    adata = log_adata()
+    model = sv.tl.ae(adata, return_model=True, **FAST)
+    with pytest.raises(ValueError, match=r"genes differ.*1 training gene\(s\) missing"):
+        model.encode(adata[:, 1:])
+    shuffled = adata[:, ::-1]
+    with pytest.raises(ValueError, match="different order"):
+        model.encode(shuffled)
+    with pytest.raises(ValueError, match="shape"):
+        model.encode(np.zeros((3, 5), dtype=np.float32))
+
+
+# --- scanpy hand-off ----------------------------------------------------------------------------
+
+
+def test_scanpy_consumes_the_latent():
+    adata = log_adata()
+    sv.tl.vsc(adata, **FAST)
+    sc.tl.tsne(adata, use_rep="X_vsc", perplexity=40)
+    assert adata.obsm["X_tsne"].shape == (adata.n_obs, 2)
+    assert adata.uns["tsne"]["params"]["use_rep"] == "X_vsc"
+    sc.pp.neighbors(adata, use_rep="X_vsc")
+    assert adata.obsp["connectivities"].shape == (adata.n_obs, adata.n_obs)
+    ax = sc.pl.tsne(adata, color="group", show=False)
+    assert ax is not None
+    ax = sc.pl.embedding(adata, "vsc", color="group", show=False)
+    assert ax.get_xlabel() == "vsc1"
+
+
+# --- sparse stays sparse ------------------------------------------------------------------------
+
+
+def test_training_never_densifies_a_large_csr():
+    # 100,000 x 20,000 would be 8 GB dense (float32); an epoch must run in a small fraction of it.
+    script = textwrap.dedent(
+        """
+        import resource, numpy as np, scipy.sparse as sp, anndata as ad, scvae_tools as sv
+        n_obs, n_vars, per_cell = 100_000, 20_000, 10
+        rng = np.random.default_rng(0)
+        indices = rng.integers(0, n_vars, n_obs * per_cell).astype(np.int32)
+        indptr = np.arange(0, n_obs * per_cell + 1, per_cell, dtype=np.int64)
+        data = rng.random(n_obs * per_cell, dtype=np.float32)
+        X = sp.csr_matrix((data, indices, indptr), shape=(n_obs, n_vars))
+        X.sum_duplicates()
+        adata = ad.AnnData(X)
+        sv.tl.vsc(adata, epochs=1, batch_size=4096, hidden=(16, 8), progress=False)
+        assert adata.obsm["X_vsc"].shape == (n_obs, 6)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    peak_mb = int(result.stdout.strip().splitlines()[-1])
+    dense_mb = 100_000 * 20_000 * 4 / 2**20
+    assert peak_mb < 1500, f"peak RSS {peak_mb} MB (dense would be {dense_mb:.0f} MB)"
+
+
+# --- real data ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not (SHARED_PBMC3K / "pbmc3k_raw.h5ad").exists(),
+    reason="PBMC3k test data not found at ../shared/data/pbmc3k (only on developer machines/CI)",
+)
+def test_pbmc3k_end_to_end():
+    adata = ad.read_h5ad(SHARED_PBMC3K / "pbmc3k_raw.h5ad")
+    sc.pp.filter_genes(adata, min_cells=3)
+    adata.var["mt"] = adata.var_names.str.startswith("MT-")
+    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, inplace=True)
+    keep = (
+        (adata.obs.n_genes_by_counts > 200)
+        & (adata.obs.n_genes_by_counts < 2500)
+        & (adata.obs.pct_counts_mt < 5)
+    )
+    adata = adata[keep].copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    assert adata.shape == (2638, 13714) and sp.issparse(adata.X)
+    for name, tool in TOOLS.items():
+        tool(adata, epochs=3, progress=False)
+        rep = adata.obsm[f"X_{name}"]
+        assert rep.shape == (2638, 6) and np.isfinite(rep).all()
+        loss = adata.uns[name]["history"]["loss"]
+        assert loss[-1] < loss[0]
+    sc.tl.tsne(adata, use_rep="X_vsc", perplexity=40)
+    assert adata.obsm["X_tsne"].shape == (2638, 2)
