@@ -1,0 +1,854 @@
+#!/usr/bin/env python
+"""Training speed and memory of ``sv.tl.ae``, ``sv.tl.vae`` and ``sv.tl.vsc``, with baselines.
+
+Usage (from the repository root, see ``benchmarks/README.md``)::
+
+    python benchmarks/bench_training.py            # full run
+    python benchmarks/bench_training.py --quick    # smoke test: 2 epochs, small memory case
+
+Prints markdown tables on stdout (progress goes to stderr):
+
+* PBMC3k (Seurat recipe, 2,638 cells) with all 13,714 genes and with 2,000 HVGs: seconds per
+  epoch, 200-epoch estimate and peak RSS of each tool, against two baselines measured in the
+  same run: (A) a plain dense PyTorch loop of the same architecture, (B) scvi-tools ``SCVI``.
+* Memory: one epoch of each tool on a synthetic 200,000 x 20,000 CSR (~1,000 non-zeros per cell),
+  each in a fresh subprocess, peak RSS against the CSR's own size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc3k"
+TOOLS = ("ae", "vae", "vsc")
+BATCH_SIZE = 256
+N_LATENT = 6
+BETA = 2.0
+EXTRAPOLATE_EPOCHS = 200
+MB = 2**20
+GB = 2**30
+# Targets of the performance issue (printed, not enforced).
+TARGET_DENSE_RATIO = 3.0
+TARGET_SCVI_RATIO = 8.0
+TARGET_200_S = {"all": 70.0, "hvg": 15.0}
+TARGET_MEM_SLACK = 1.5 * GB
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory measurement
+# --------------------------------------------------------------------------------------------
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size of this process, bytes."""
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb * 1024
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+class PeakRSS:
+    """Peak RSS of this process while a ``with`` block runs.
+
+    Exact on Linux (the high-water mark ``VmHWM`` is reset on entry and read on exit); elsewhere
+    ``psutil`` samples the RSS every 2 ms, which can miss short spikes.
+    """
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        self.before = current_rss()
+        self._exact = _reset_peak()
+        self._stop = threading.Event()
+        self._max = self.before
+        if not self._exact:
+            import psutil
+
+            proc = psutil.Process()
+
+            def sample() -> None:
+                while not self._stop.wait(0.002):
+                    self._max = max(self._max, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._exact:
+            self.peak = (_status_kb("VmHWM") or 0) * 1024
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, current_rss())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.before
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _inline_recipe(adata: Any) -> Any:
+    import scanpy as sc
+
+    sc.pp.filter_genes(adata, min_cells=3)
+    adata.var["mt"] = adata.var_names.str.startswith("MT-")
+    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    keep = (
+        (adata.obs["n_genes_by_counts"] > 200)
+        & (adata.obs["n_genes_by_counts"] < 2500)
+        & (adata.obs["pct_counts_mt"] < 5)
+    )
+    adata = adata[keep.to_numpy()].copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+def load_pbmc3k(data_dir: Path) -> tuple[Any, str]:
+    """PBMC3k after the Seurat recipe: log-normalised ``X`` (CSR) and a ``counts`` layer."""
+    import anndata as ad
+
+    path = data_dir / "pbmc3k_raw.h5ad"
+    if not path.exists():
+        sys.exit(f"PBMC3k not found at {path}; pass --data-dir (the folder of pbmc3k_raw.h5ad).")
+    raw = ad.read_h5ad(path)
+    raw.var_names_make_unique()
+    raw.X = sp.csr_matrix(raw.X, dtype=np.float32)
+
+    how = "inline Seurat recipe (filter_genes min_cells=3, QC, normalize_total 1e4, log1p)"
+    adata = None
+    try:
+        from scvae_tools.pp import recipe_seurat  # may appear in a later version
+    except ImportError:
+        recipe_seurat = None
+    if recipe_seurat is not None:
+        try:
+            copy = raw.copy()
+            out = recipe_seurat(copy)
+            candidate = out if out is not None else copy
+            if candidate.shape == (2638, 13714) and float(candidate.X.max()) < 20:
+                adata, how = candidate, "scvae_tools.pp.recipe_seurat"
+            else:
+                log(f"recipe_seurat gave {candidate.shape}, not log data of 2638 x 13714; inlined")
+        except Exception as err:  # fall back to the documented recipe
+            log(f"recipe_seurat failed ({err!r}); using the inline recipe")
+    if adata is None:
+        adata = _inline_recipe(raw.copy())
+    if not sp.issparse(adata.X) or adata.X.format != "csr":
+        adata.X = sp.csr_matrix(adata.X)
+    adata.X = adata.X.astype(np.float32)
+    # Raw counts of the same cells and genes, for the HVG selection and for scvi-tools.
+    adata.layers["counts"] = sp.csr_matrix(raw[adata.obs_names, adata.var_names].X)
+    return adata, how
+
+
+def hvg_subset(adata: Any, n_top: int = 2000) -> Any:
+    import scanpy as sc
+
+    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, layer="counts")
+    return adata[:, adata.var["highly_variable"].to_numpy()].copy()
+
+
+def synthetic_csr(n_cells: int, n_genes: int, nnz_per_cell: int, seed: int = 0) -> sp.csr_matrix:
+    """Reproducible random CSR with exactly ``nnz_per_cell`` non-zeros in every row.
+
+    Built chunk by chunk straight into the final ``data``/``indices`` arrays, never dense: the genes
+    are cut into ``nnz_per_cell`` equal bins and each cell has one non-zero at a random gene of
+    every bin (so indices come out sorted and distinct). Values are log-normalised-like, in
+    ``[log 2, log 21]``.
+    """
+    if not 0 < nnz_per_cell <= n_genes:
+        raise ValueError("need 0 < nnz_per_cell <= n_genes")
+    rng = np.random.default_rng(seed)
+    width = n_genes // nnz_per_cell
+    nnz = n_cells * nnz_per_cell
+    index_dtype = np.int32 if nnz < 2**31 else np.int64
+    data = np.empty(nnz, dtype=np.float32)
+    indices = np.empty(nnz, dtype=index_dtype)
+    base = np.arange(nnz_per_cell, dtype=index_dtype) * width
+    rows_per_chunk = max(1, 2**22 // nnz_per_cell)
+    for start in range(0, n_cells, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_cells)
+        lo, hi = start * nnz_per_cell, stop * nnz_per_cell
+        offsets = rng.integers(0, width, size=(stop - start, nnz_per_cell), dtype=index_dtype)
+        offsets += base
+        indices[lo:hi] = offsets.reshape(-1)
+        values = rng.random(hi - lo, dtype=np.float32)
+        values *= 19.0
+        values += 2.0
+        np.log(values, out=data[lo:hi])
+    indptr = np.arange(0, nnz + 1, nnz_per_cell, dtype=index_dtype)
+    X = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes), copy=False)
+    X.has_sorted_indices = True
+    return X
+
+
+def csr_nbytes(X: sp.csr_matrix) -> int:
+    return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    name: str
+    per_epoch: float  # seconds per epoch used for ratios
+    est_200: float  # predicted wall time of a 200-epoch run
+    peak: int = 0
+    delta: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def _fmt_mb(x: int) -> str:
+    return f"{round(x / MB):,d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Ours
+# --------------------------------------------------------------------------------------------
+
+
+def time_ours(adata: Any, tool: str, *, epochs: int, repeats: int, device: str = "cpu") -> Timing:
+    """Whole calls of ``sv.tl.<tool>(adata, epochs=epochs)``, after a 1-epoch warm-up call.
+
+    ``per_epoch`` is the median over ``repeats`` calls of (call wall time / epochs): everything
+    the user waits for (input checks, model set-up, training, encoding the latent space) with
+    nothing subtracted. ``loop`` is the tool's own training-loop time per epoch
+    (``uns[key]["seconds_per_epoch"]``). The 200-epoch estimate is the call's fixed part
+    (wall - training-loop time) plus 200 x the loop's time per epoch.
+    """
+    import scvae_tools as sv
+
+    fn: Callable[..., Any] = getattr(sv.tl, tool)
+    key = f"_bench_{tool}"
+    common = {"batch_size": BATCH_SIZE, "progress": False, "device": device, "key_added": key}
+    fn(adata, epochs=1, random_state=0, **common)  # warm-up, untimed
+    walls, loops, fixed, peaks, deltas = [], [], [], [], []
+    for r in range(repeats):
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            fn(adata, epochs=epochs, random_state=r, **common)
+            wall = time.perf_counter() - t0
+        rec = adata.uns.get(key, {})
+        train_s = rec.get("training_time_s")
+        walls.append(wall / epochs)
+        if train_s is not None:
+            loops.append(train_s / epochs)
+            fixed.append(wall - train_s)
+        peaks.append(mem.peak)
+        deltas.append(mem.delta)
+    for k in [key, f"{key}_spike"]:
+        adata.obsm.pop(k, None)
+    adata.uns.pop(key, None)
+    per_epoch = statistics.median(walls)
+    loop = statistics.median(loops) if loops else None
+    if loop is not None:
+        est = statistics.median(fixed) + EXTRAPOLATE_EPOCHS * loop
+    else:
+        est = EXTRAPOLATE_EPOCHS * per_epoch
+    return Timing(tool, per_epoch, est, max(peaks), max(deltas), {"loop": loop})
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline A: the dense PyTorch loop a user would write from the write-up
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_model(n_genes: int, kind: str):
+    import torch
+    from torch import nn
+
+    heads = {"ae": ["code"], "vae": ["mu", "log_sigma"], "vsc": ["mu", "log_sigma", "spike"]}[kind]
+
+    class DenseAutoencoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # d -> 128 (linear) -> 32 (ReLU); one 32 -> 16 (ReLU) -> 6 head per latent parameter
+            self.encoder = nn.Sequential(nn.Linear(n_genes, 128), nn.Linear(128, 32), nn.ReLU())
+            self.heads = nn.ModuleDict(
+                {
+                    h: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, N_LATENT))
+                    for h in heads
+                }
+            )
+            # 6 -> 16 -> 32 -> 128 (ReLU) -> d (linear)
+            self.decoder = nn.Sequential(
+                nn.Linear(N_LATENT, 16),
+                nn.ReLU(),
+                nn.Linear(16, 32),
+                nn.ReLU(),
+                nn.Linear(32, 128),
+                nn.ReLU(),
+                nn.Linear(128, n_genes),
+            )
+            self.sharpness = 50.0
+
+        def loss(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.encoder(x)
+            kl = 0.0
+            if kind == "ae":
+                z = self.heads["code"](h)
+            else:
+                mu, log_sigma = self.heads["mu"](h), self.heads["log_sigma"](h)
+                slab = mu + torch.exp(log_sigma) * torch.randn_like(mu)
+                kl_dim = 0.5 * (mu.pow(2) + torch.exp(2 * log_sigma) - 1 - 2 * log_sigma)
+                if kind == "vae":
+                    z, kl = slab, kl_dim.sum(1)
+                else:
+                    gamma = torch.sigmoid(self.heads["spike"](h)).clamp(1e-6, 1 - 1e-6)
+                    eta = torch.rand_like(gamma)
+                    z = torch.sigmoid(self.sharpness * (eta + gamma - 1)) * slab
+                    kl = (gamma * kl_dim).sum(1) + (
+                        gamma * torch.log(gamma / 0.5) + (1 - gamma) * torch.log((1 - gamma) / 0.5)
+                    ).sum(1)
+            x_hat = self.decoder(z)
+            return ((x_hat - x) ** 2).sum(1).add(BETA * kl).mean()
+
+    return DenseAutoencoder()
+
+
+def time_dense(X_csr: sp.csr_matrix, kind: str, *, epochs: int) -> Timing:
+    """Plain dense loop: data densified once, ``randperm`` minibatches, Adam 1e-3.
+
+    ``per_epoch`` is the median of ``epochs`` timed epochs after 1 warm-up epoch; the
+    200-epoch estimate adds the set-up (densifying, building the model) once.
+    """
+    import torch
+
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        X = torch.from_numpy(X_csr.toarray())
+        torch.manual_seed(0)
+        model = _dense_model(X.shape[1], kind)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        setup = time.perf_counter() - t0
+        n = X.shape[0]
+        times = []
+        for epoch in range(1 + epochs):
+            t0 = time.perf_counter()
+            model.sharpness = 50.0 + 150.0 * epoch / max(epochs, 1)
+            perm = torch.randperm(n)
+            for i in range(0, n, BATCH_SIZE):
+                xb = X[perm[i : i + BATCH_SIZE]]
+                loss = model.loss(xb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if not torch.isfinite(loss):
+                raise FloatingPointError("dense baseline diverged")
+            times.append(time.perf_counter() - t0)
+    del X, model, opt
+    per_epoch = statistics.median(times[1:])
+    return Timing(
+        f"dense {kind}",
+        per_epoch,
+        setup + EXTRAPOLATE_EPOCHS * per_epoch,
+        mem.peak,
+        mem.delta,
+        {"setup": setup},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline B: scvi-tools SCVI
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet_scvi() -> Any:
+    for name in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"(lightning|pytorch_lightning|scvi)(\..*)?")
+    import scvi
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.seed = 0
+    for name in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return scvi
+
+
+def time_scvi(adata: Any, likelihood: str, *, epochs: int) -> Timing:
+    """``SCVI(n_latent=6, gene_likelihood=...)`` on the raw counts layer, all cells.
+
+    ``per_epoch`` is the median of ``epochs`` epochs timed by a Lightning callback, after 1
+    warm-up epoch; the 200-epoch estimate adds ``setup_anndata`` + model + trainer set-up once.
+    """
+    import anndata as ad
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    threads = torch.get_num_threads()
+    scvi = _quiet_scvi()
+
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+
+    timer = EpochTimer()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        counts = ad.AnnData(X=adata.layers["counts"].copy())
+        counts.obs_names, counts.var_names = adata.obs_names, adata.var_names
+        scvi.model.SCVI.setup_anndata(counts)
+        model = scvi.model.SCVI(counts, n_latent=N_LATENT, gene_likelihood=likelihood)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.train(
+                max_epochs=1 + epochs,
+                train_size=1.0,
+                batch_size=BATCH_SIZE,
+                early_stopping=False,
+                enable_progress_bar=False,
+                accelerator="cpu",
+                devices=1,
+                callbacks=[timer],
+                enable_model_summary=False,
+                logger=False,
+                enable_checkpointing=False,
+            )
+        wall = time.perf_counter() - t0
+    torch.set_num_threads(threads)  # in case Lightning changed it
+    del model, counts
+    per_epoch = statistics.median(timer.times[1:])
+    fixed = wall - sum(timer.times)
+    return Timing(
+        f"SCVI {likelihood}",
+        per_epoch,
+        fixed + EXTRAPOLATE_EPOCHS * per_epoch,
+        mem.peak,
+        mem.delta,
+        {"setup": fixed},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Memory section (one subprocess per tool)
+# --------------------------------------------------------------------------------------------
+
+
+def _process_peak() -> int:
+    """Peak RSS of this process so far, bytes.
+
+    ``VmHWM`` belongs to the process's own address space, which ``exec`` starts afresh;
+    ``ru_maxrss`` can still carry the parent's RSS from before the ``fork`` (Linux), so it is only
+    the fallback.
+    """
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def memory_child(tool: str, shape: list[int] | None, h5ad: Path | None) -> None:
+    """Run in a fresh process: get the data, train ``tool`` for 1 epoch, print one JSON line.
+
+    The data is either a synthetic CSR of ``shape`` (cells, genes, non-zeros per cell), built in
+    this process as a user's process would hold it, or an ``.h5ad`` file read into memory.
+    """
+    import anndata as ad
+    import torch
+
+    import scvae_tools as sv
+
+    rss_imports = current_rss()
+    t0 = time.perf_counter()
+    if h5ad is not None:
+        adata = ad.read_h5ad(h5ad)
+        X = adata.X
+    else:
+        X = synthetic_csr(*shape, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adata = ad.AnnData(X=X)
+    build_s = time.perf_counter() - t0
+    rss_built = current_rss()
+    t0 = time.perf_counter()
+    getattr(sv.tl, tool)(adata, epochs=1, batch_size=BATCH_SIZE, progress=False, device="cpu")
+    wall = time.perf_counter() - t0
+    out = {
+        "tool": tool,
+        "csr_bytes": csr_nbytes(X),
+        "nnz": int(X.nnz),
+        "rss_imports": rss_imports,
+        "rss_built": rss_built,
+        "peak": _process_peak(),
+        "build_s": build_s,
+        "call_s": wall,
+        "train_s": adata.uns[tool].get("training_time_s"),
+        "threads": torch.get_num_threads(),
+    }
+    print("BENCH_JSON " + json.dumps(out), flush=True)
+
+
+def run_child(tool: str, source: list[str], timeout: float) -> dict[str, Any]:
+    """``memory_child`` in a fresh interpreter; ``source`` is ``--mem-shape ...`` or ``--h5ad``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", tool, *source]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"tool": tool, "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"tool": tool, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    res = json.loads(lines[-1].removeprefix("BENCH_JSON "))
+    res["process_s"] = time.perf_counter() - t0
+    return res
+
+
+def run_memory(n_cells: int, n_genes: int, nnz: int, timeout: float) -> list[dict[str, Any]]:
+    results = []
+    for tool in TOOLS:
+        log(f"memory: {tool}, 1 epoch on {n_cells:,} x {n_genes:,} CSR, {nnz} nnz/cell")
+        shape = ["--mem-shape", str(n_cells), str(n_genes), str(nnz)]
+        results.append(run_child(tool, shape, timeout))
+    return results
+
+
+def memory_table(results: list[dict[str, Any]], shape: tuple[int, int, int]) -> list[str]:
+    n_cells, n_genes, nnz = shape
+    out = [
+        f"### Memory: one epoch on a synthetic {n_cells:,} x {n_genes:,} CSR float32, "
+        f"{nnz:,} non-zeros per cell (fresh subprocess per tool)",
+        "",
+        "| tool | CSR size (MB) | RSS after imports (MB) | RSS with CSR (MB) | peak RSS (MB) "
+        "| peak - CSR (MB) | target: peak < CSR + 1.5 GB | 1 epoch, loop (s) | whole call (s) |",
+        "|---|--:|--:|--:|--:|--:|---|--:|--:|",
+    ]
+    for r in results:
+        if "error" in r:
+            out.append(f"| {r['tool']} | | | | | | FAILED: {r['error']} | | |")
+            continue
+        ok = r["peak"] < r["csr_bytes"] + TARGET_MEM_SLACK
+        limit = (r["csr_bytes"] + TARGET_MEM_SLACK) / MB
+        out.append(
+            f"| {r['tool']} | {_fmt_mb(r['csr_bytes'])} | {_fmt_mb(r['rss_imports'])} "
+            f"| {_fmt_mb(r['rss_built'])} | {_fmt_mb(r['peak'])} "
+            f"| {_fmt_mb(r['peak'] - r['csr_bytes'])} "
+            f"| {'yes' if ok else 'NO'} (< {limit:,.0f}) | {_fmt_s(r['train_s'])} "
+            f"| {_fmt_s(r['call_s'])} |"
+        )
+    if results and "build_s" in results[0]:
+        out += ["", f"Building the CSR took {results[0]['build_s']:.1f} s (not included above)."]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# PBMC3k section
+# --------------------------------------------------------------------------------------------
+
+
+def pbmc_section(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    adata, how = load_pbmc3k(args.data_dir)
+    log(f"PBMC3k: {adata.n_obs:,} x {adata.n_vars:,} CSR ({how})")
+    sets = {"all": adata, "hvg": hvg_subset(adata)}
+    labels = {
+        "all": f"all {adata.n_vars:,} genes",
+        "hvg": f"{sets['hvg'].n_vars:,} HVGs (seurat_v3 on the counts layer)",
+    }
+    cuda = torch.cuda.is_available()
+    ours: dict[str, dict[str, Timing]] = {}
+    dense: dict[str, dict[str, Timing]] = {}
+    scvi_t: dict[str, dict[str, Timing]] = {}
+    # Ours and the dense loop first, scvi-tools last (importing Lightning can touch settings).
+    for gs, data in sets.items():
+        ours[gs] = {}
+        for tool in TOOLS:
+            log(f"{gs}: sv.tl.{tool}, warm-up + {args.repeats} x {args.epochs} epochs")
+            ours[gs][tool] = time_ours(data, tool, epochs=args.epochs, repeats=args.repeats)
+            if cuda:
+                log(f"{gs}: sv.tl.{tool} on cuda")
+                ours[gs][f"{tool} (cuda)"] = time_ours(
+                    data, tool, epochs=args.epochs, repeats=args.repeats, device="cuda"
+                )
+        dense[gs] = {}
+        for kind in TOOLS:
+            log(f"{gs}: dense {kind} loop, 1 + {args.epochs} epochs")
+            dense[gs][kind] = time_dense(data.X, kind, epochs=args.epochs)
+    # Peak RSS of ours in a fresh process (imports + the data + 1 epoch), free of what this
+    # process has allocated before; the timing runs above keep their in-process figures only
+    # if a child fails.
+    import anndata as ad
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="scvae-bench-") as tmp:
+        for gs, data in sets.items():
+            path = Path(tmp) / f"{gs}.h5ad"
+            ad.AnnData(
+                X=data.X,
+                obs=pd.DataFrame(index=data.obs_names.copy()),
+                var=pd.DataFrame(index=data.var_names.copy()),
+            ).write_h5ad(path)
+            for tool in TOOLS:
+                log(f"{gs}: peak RSS of sv.tl.{tool}, 1 epoch in a fresh process")
+                res = run_child(tool, ["--h5ad", str(path)], timeout=300)
+                if "error" in res:
+                    log(f"  child failed ({res['error']}); keeping the in-process figure")
+                    continue
+                ours[gs][tool].peak = res["peak"]
+                ours[gs][tool].delta = res["peak"] - res["rss_built"]
+    for gs, data in sets.items():
+        scvi_t[gs] = {}
+        for lik in ("zinb", "normal"):
+            log(f"{gs}: SCVI {lik}, 1 + {args.epochs} epochs")
+            scvi_t[gs][lik] = time_scvi(data, lik, epochs=args.epochs)
+
+    out: list[str] = []
+    for gs in sets:
+        nnz = sets[gs].X.nnz
+        out += [
+            f"### PBMC3k, {sets[gs].n_obs:,} cells x {labels[gs]} "
+            f"({nnz:,} non-zeros, {nnz / np.prod(sets[gs].shape):.1%} dense), batch {BATCH_SIZE}",
+            "",
+            "| run | s/epoch | loop s/epoch | 200 epochs (s) | peak RSS (MB) | +RSS (MB) "
+            "| dense / ours | SCVI-ZINB / ours | targets |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        ]
+        zinb = scvi_t[gs]["zinb"].per_epoch
+        for name, t in ours[gs].items():
+            kind = name.split()[0]
+            r_dense = dense[gs][kind].per_epoch / t.per_epoch
+            r_scvi = zinb / t.per_epoch
+            checks = [
+                f"dense {'ok' if r_dense >= TARGET_DENSE_RATIO else 'MISS'}",
+                f"scvi {'ok' if r_scvi >= TARGET_SCVI_RATIO else 'MISS'}",
+                f"200ep {'ok' if t.est_200 <= TARGET_200_S[gs] else 'MISS'}",
+            ]
+            out.append(
+                f"| sv.tl.{name} | {_fmt_s(t.per_epoch)} | {_fmt_s(t.extra.get('loop'))} "
+                f"| {_fmt_s(t.est_200)} | {_fmt_mb(t.peak)} | {_fmt_mb(t.delta)} "
+                f"| {r_dense:.2f}x | {r_scvi:.2f}x | {', '.join(checks)} |"
+            )
+        for t in [*dense[gs].values(), *scvi_t[gs].values()]:
+            out.append(
+                f"| {t.name} (baseline) | {_fmt_s(t.per_epoch)} | | {_fmt_s(t.est_200)} "
+                f"| {_fmt_mb(t.peak)} | {_fmt_mb(t.delta)} | | | set-up {t.extra['setup']:.2f} s |"
+            )
+        out.append("")
+    out += [
+        f"Targets: each tool >= {TARGET_DENSE_RATIO:g}x faster per epoch than the dense loop of "
+        f"the same model and >= {TARGET_SCVI_RATIO:g}x faster than SCVI-ZINB; 200 epochs "
+        f"<= {TARGET_200_S['all']:g} s with all genes, <= {TARGET_200_S['hvg']:g} s with 2,000 "
+        "HVGs.",
+        "",
+    ]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        res = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return res.stdout.strip() + (" (src/ modified)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def header(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    mode = "quick" if args.quick else "full"
+    return [
+        f"## scvae-tools training benchmark ({mode} mode, {time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"- CPU: {_cpu_model()}, {cores} usable cores; torch threads: {torch.get_num_threads()} "
+        "(torch default, not changed)",
+        f"- CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+        f"- load average at start (1/5/15 min): {_loadavg()} (other work on the machine inflates "
+        "the times)",
+        f"- python {platform.python_version()}, torch {torch.__version__}, scvae-tools "
+        f"{_version('scvae-tools')} (git {_git_commit()}), scanpy {_version('scanpy')}, "
+        f"anndata {_version('anndata')}, scvi-tools {_version('scvi-tools')}",
+        f"- timed epochs per call: {args.epochs}, calls per tool: {args.repeats}, "
+        f"batch size {BATCH_SIZE}, n_latent {N_LATENT}, beta {BETA:g}",
+        "",
+    ]
+
+
+LEGEND = """\
+Columns. `s/epoch`: for sv.tl.* the median over calls of (wall time of one whole
+`sv.tl.<tool>(adata, epochs=E)` call / E), after one untimed 1-epoch warm-up call; nothing is
+subtracted (input checks, set-up and encoding the latent space are included). For the baselines:
+the median epoch after one warm-up epoch (dense loop: own timer; SCVI: a Lightning callback).
+`loop s/epoch`: the tool's own training-loop time per epoch (`uns[key]["seconds_per_epoch"]`).
+`200 epochs`: predicted wall time of a 200-epoch run, fixed part (call minus loop; baselines:
+set-up) + 200 x loop time per epoch. `peak RSS` of sv.tl.*: peak resident set size (VmHWM) of a
+fresh Python process that imports scvae-tools, reads this matrix (written once to a temporary
+.h5ad) and runs the tool for 1 epoch; `+RSS`: that minus the RSS once the data is loaded. For
+the baselines, both are taken inside the benchmark process around the whole run (set-up and all
+epochs): peak during it and peak minus the RSS just before it, so memory the process already
+held and reuses is not counted. `dense / ours` and
+`SCVI-ZINB / ours`: baseline per-epoch time over sv.tl.*'s `s/epoch` (higher is better for us);
+the dense baseline of vsc is the same loop with the spike-and-slab latent. SCVI runs on the raw
+counts layer (both likelihoods), n_hidden 128, one hidden layer, its own defaults otherwise.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 epochs, 1 call, small memory case")
+    p.add_argument("--epochs", type=int, help="timed epochs per call (default 5; quick 2)")
+    p.add_argument("--repeats", type=int, help="timed calls per tool (default 3; quick 1)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="pbmc3k folder")
+    section = p.add_mutually_exclusive_group()
+    section.add_argument("--memory", action="store_true", help="only the memory section")
+    section.add_argument("--no-memory", action="store_true", help="skip the memory section")
+    p.add_argument(
+        "--mem-shape",
+        type=int,
+        nargs=3,
+        metavar=("CELLS", "GENES", "NNZ"),
+        help="synthetic CSR of the memory section (default 200000 20000 1000; quick 20000 "
+        "5000 100)",
+    )
+    p.add_argument("--output", type=Path, help="also write the markdown report here")
+    p.add_argument("--memory-child", choices=TOOLS, help=argparse.SUPPRESS)
+    p.add_argument("--h5ad", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.memory_child:
+        memory_child(args.memory_child, args.mem_shape, args.h5ad)
+        return
+    args.epochs = args.epochs or (2 if args.quick else 5)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    default_shape = (20_000, 5_000, 100) if args.quick else (200_000, 20_000, 1000)
+    mem_shape = tuple(args.mem_shape or default_shape)
+
+    t_start = time.perf_counter()
+    lines = header(args)
+    if not args.memory:
+        lines += pbmc_section(args)
+    if not args.no_memory:
+        mem = run_memory(*mem_shape, timeout=600)
+        lines += memory_table(mem, mem_shape)
+        lines.append("")
+    lines += [
+        LEGEND,
+        f"Total benchmark time: {time.perf_counter() - t_start:.0f} s; load average at the end: "
+        f"{_loadavg()}.",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.output:
+        args.output.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
