@@ -48,6 +48,8 @@ nb_execution_show_tb = True
 # -- API reference --------------------------------------------------------------------------------
 autosummary_generate = True
 autodoc_member_order = "bysource"
+# The page's table of contents lists "encode()", not "LatentModel.encode()".
+toc_object_entries_show_parents = "hide"
 autodoc_default_options = {"members": True}
 autodoc_preserve_defaults = True
 napoleon_google_docstring = False
