@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import models, tl
+from . import datasets, models, pl, pp, tl
 from ._training import TrainingDivergedError
 
 try:
@@ -10,4 +10,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["TrainingDivergedError", "models", "tl"]
+__all__ = ["TrainingDivergedError", "datasets", "models", "pl", "pp", "tl"]

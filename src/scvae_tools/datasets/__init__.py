@@ -1,0 +1,1 @@
+"""Datasets: PBMC3k the way scanpy gets it, or from a local 10x folder or h5ad."""

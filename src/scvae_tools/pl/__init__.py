@@ -1,0 +1,1 @@
+"""Plots: metrics, t-SNE beside k-means, training curves and VSC sparsity."""

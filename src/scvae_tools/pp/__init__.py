@@ -1,0 +1,1 @@
+"""Preprocessing: the write-up's Seurat recipe and clustering, in scanpy."""
