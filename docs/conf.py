@@ -75,6 +75,23 @@ nitpick_ignore = [
     # numpy / pandas / scipy: returned arrays and tables.
     ("py:class", "numpy.ndarray"),
     ("py:class", "np.ndarray"),
+    ("py:class", "pandas.DataFrame"),
+    ("py:class", "pandas.core.frame.DataFrame"),  # where DataFrame is defined
+    ("py:class", "pandas.Categorical"),
+    ("py:class", "scipy.sparse.csr_matrix"),
+    # matplotlib: what the plotting functions return or draw into.
+    ("py:class", "matplotlib.axes.Axes"),
+    ("py:class", "matplotlib.axes._axes.Axes"),  # where Axes is defined
+    ("py:class", "matplotlib.figure.Figure"),
+    ("py:class", "matplotlib.colors.Colormap"),
+    # scanpy: the functions our preprocessing and datasets follow or call.
+    ("py:func", "scanpy.datasets.pbmc3k"),
+    ("py:func", "scanpy.pp.calculate_qc_metrics"),
+    ("py:func", "scanpy.pp.highly_variable_genes"),
+    ("py:func", "scanpy.pp.log1p"),
+    ("py:func", "scanpy.pp.neighbors"),
+    ("py:func", "scanpy.read_10x_mtx"),
+    ("py:meth", "anndata.AnnData.var_names_make_unique"),
     # torch: the models are torch modules working on tensors.
     ("py:class", "torch.Tensor"),
     ("py:class", "torch.device"),
@@ -87,6 +104,7 @@ nitpick_ignore = [
     # the standard library's typing names, as sphinx-autodoc-typehints links them.
     ("py:class", "collections.abc.Sequence"),
     ("py:class", "os.PathLike"),
+    ("py:class", "pathlib.Path"),
     ("py:data", "typing.Any"),
     ("py:data", "typing.Literal"),
     ("py:data", "typing.Union"),
