@@ -178,6 +178,7 @@ def metrics_heatmap(
         fig = ax.figure
     values = means.to_numpy()
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    ax.grid(False)  # scanpy's set_figure_params turns the grid on; it would cross the cells
     for i, label in enumerate(labels):
         for j, metric in enumerate(metrics):
             mean, std = values[i, j], stds.iloc[i, j]
@@ -580,7 +581,7 @@ def spike_probabilities(
 
     n_panels = 3 if groupby is not None else 2
     fig, axes = plt.subplots(
-        1, n_panels, figsize=(4.4 * n_panels, 3.6), squeeze=False, layout="constrained"
+        1, n_panels, figsize=(5.2 * n_panels, 3.8), squeeze=False, layout="constrained"
     )
     ax_box, ax_hist = axes[0, 0], axes[0, 1]
     ax_box.boxplot(
@@ -596,13 +597,13 @@ def spike_probabilities(
     ax_box.set_ylim(-0.03, 1.03)
     ax_box.set_xlabel("latent dimension")
     ax_box.set_ylabel("spike probability")
-    ax_box.set_title("Spike probability per dimension", fontsize="medium")
+    ax_box.set_title("Spike probability\nper dimension", fontsize="medium")
 
     ax_hist.hist(active, bins=np.arange(n_latent + 2) - 0.5, color="tab:blue", rwidth=0.85)
     ax_hist.set_xticks(np.arange(n_latent + 1))
     ax_hist.set_xlabel(f"active dimensions (spike probability > {float(threshold):g})")
     ax_hist.set_ylabel("cells")
-    ax_hist.set_title(f"Active dimensions per cell (mean {active.mean():.2f})", fontsize="medium")
+    ax_hist.set_title(f"Active dimensions per cell\n(mean {active.mean():.2f})", fontsize="medium")
 
     if groupby is not None:
         ax_heat = axes[0, 2]
@@ -611,10 +612,11 @@ def spike_probabilities(
         frame["_group"] = groups
         means = frame.groupby("_group", observed=True).mean()
         image = ax_heat.imshow(means.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax_heat.grid(False)
         ax_heat.set_xticks(dims, [str(j) for j in dims])
         ax_heat.set_yticks(range(len(means)), [str(g) for g in means.index])
         ax_heat.set_xlabel("latent dimension")
-        ax_heat.set_title(f"Mean spike probability per {groupby}", fontsize="medium")
+        ax_heat.set_title(f"Mean spike probability\nper {groupby}", fontsize="medium")
         fig.colorbar(image, ax=ax_heat, label="mean spike probability")
     shown = _savefig_or_show("spike_probabilities", show=show, save=save, fig=fig)
     return None if shown else fig
