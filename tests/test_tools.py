@@ -69,6 +69,17 @@ def test_tool_writes_latent_and_record_and_nothing_else(name):
     _assert_unchanged(adata, snap)
 
 
+def test_first_activation_shapes_the_encoder_and_is_recorded():
+    adata = log_adata()
+    default = sv.tl.ae(adata, return_model=True, **FAST)
+    relu = sv.tl.ae(adata, first_activation=True, key_added="relu", return_model=True, **FAST)
+    assert isinstance(default.module.first_activation, torch.nn.Identity)  # the write-up's
+    assert isinstance(relu.module.first_activation, torch.nn.ReLU)
+    assert adata.uns["ae"]["params"]["first_activation"] is False
+    assert adata.uns["relu"]["params"]["first_activation"] is True
+    assert not np.allclose(adata.obsm["X_ae"], adata.obsm["relu"])
+
+
 def test_history_terms_per_model():
     adata = log_adata()
     for tool in TOOLS.values():
@@ -238,6 +249,7 @@ def test_progress_bar_and_quiet(capfd):
         ({"prior_spike": 0.0}, ValueError, "prior_spike"),
         ({"device": "tpu9"}, ValueError, "device"),
         ({"key_added": ""}, ValueError, "key_added"),
+        ({"first_activation": "yes"}, TypeError, "first_activation"),
     ],
 )
 def test_invalid_hyperparameters(options, error, match):

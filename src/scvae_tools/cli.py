@@ -17,6 +17,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hidden", type=int, nargs="+", default=[128, 32, 16], help="encoder widths (128 32 16)"
     )
+    parser.add_argument(
+        "--first-activation",
+        action="store_true",
+        help="a ReLU after the encoder's first layer (the write-up has none)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="random_state (0)")
@@ -92,6 +97,7 @@ def _train(args: argparse.Namespace) -> int:
     options = {
         "n_latent": args.n_latent,
         "hidden": tuple(args.hidden),
+        "first_activation": args.first_activation,
         "layer": args.layer,
         "epochs": args.epochs,
         "batch_size": args.batch_size,

@@ -43,6 +43,12 @@ def _check_float(
     return v
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def _check_hidden(hidden: Any) -> tuple[int, ...]:
     if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
         hidden = (hidden,)
@@ -169,7 +175,11 @@ _COMMON_DOC = """
         Number of latent dimensions.
     hidden
         Encoder widths; the decoder mirrors them. ``(128, 32, 16)`` is the write-up's
-        ``n_genes -> 128 -> 32 -> 16 -> n_latent``. The first layer is linear, as in the write-up.
+        ``n_genes -> 128 -> 32 -> 16 -> n_latent``.
+    first_activation
+        Put a ReLU after the encoder's first layer. The write-up's encoder has none: its first
+        layer is a linear projection, and that is the default. On PBMC3k the ReLU helped with
+        2,000 HVGs but not with all genes (see the reproduce page of the documentation).
     layer
         Train on ``adata.layers[layer]`` instead of ``adata.X``.
     epochs
@@ -236,6 +246,7 @@ def ae(
     *,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
+    first_activation: bool = False,
     layer: str | None = None,
     epochs: int = 200,
     batch_size: int = 256,
@@ -250,7 +261,7 @@ def ae(
     return _fit(
         "ae",
         adata,
-        model_options={},
+        model_options={"first_activation": _check_bool("first_activation", first_activation)},
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
@@ -272,6 +283,7 @@ def vae(
     beta: float = 2.0,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
+    first_activation: bool = False,
     layer: str | None = None,
     epochs: int = 200,
     batch_size: int = 256,
@@ -287,7 +299,10 @@ def vae(
     return _fit(
         "vae",
         adata,
-        model_options={"beta": beta},
+        model_options={
+            "beta": beta,
+            "first_activation": _check_bool("first_activation", first_activation),
+        },
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
@@ -310,6 +325,7 @@ def vsc(
     prior_spike: float = 0.5,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
+    first_activation: bool = False,
     layer: str | None = None,
     epochs: int = 200,
     batch_size: int = 256,
@@ -328,7 +344,11 @@ def vsc(
     return _fit(
         "vsc",
         adata,
-        model_options={"beta": beta, "prior_spike": prior_spike},
+        model_options={
+            "beta": beta,
+            "prior_spike": prior_spike,
+            "first_activation": _check_bool("first_activation", first_activation),
+        },
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,

@@ -1,0 +1,114 @@
+"""Latent quality of sv.tl.ae/vae/vsc under the write-up's protocol, against PCA, in one run.
+
+PBMC3k from ../shared/data after sv.pp.recipe_seurat, the write-up's own 9 Seurat clusters as
+labels, the tools' default hyperparameters; t-SNE (perplexity 40) + k-means (k = 9,
+n_init = 100) scored by NMI/ARI, mean ± std over --n-seeds seeds (sv.tl.evaluate). Baseline in
+the same run: PCA with 10 components on the 2,000 scaled HVGs (Seurat's own representation).
+
+    python benchmarks/bench_quality.py                 # PBMC3k, 5 seeds (~10 min on 2 cores)
+    python benchmarks/bench_quality.py --data pbmc68k  # scanpy's bundled pbmc68k_reduced
+    python benchmarks/bench_quality.py --set beta=1 --set n_latent=10   # other hyperparameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+
+import scvae_tools as sv
+from scvae_tools._reproduce import WRITEUP_TABLE
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc3k"
+TARGET = {"nmi": 0.76, "ari": 0.62}
+
+
+def load(name: str) -> tuple[sc.AnnData, str]:
+    if name == "pbmc68k":
+        return sc.datasets.pbmc68k_reduced(), "bulk_labels"
+    if not SHARED.exists():
+        sys.exit(f"PBMC3k not found at {SHARED}; this benchmark needs ../shared/data.")
+    adata = sv.datasets.pbmc3k(SHARED / "filtered_gene_bc_matrices" / "hg19")
+    sv.pp.recipe_seurat(adata)
+    seed = pd.read_csv(SHARED / "pbmc3k_seed_clusters.csv", index_col="barcode")
+    adata.obs["seed_cluster"] = pd.Categorical(
+        seed["seed_cluster"].reindex(adata.obs_names).astype(str)
+    )
+    return adata, "seed_cluster"
+
+
+def pca_baseline(adata: sc.AnnData, n_comps: int, data: str) -> np.ndarray:
+    if data == "pbmc68k":  # X is already Seurat's scaled HVG matrix
+        return sc.pp.pca(adata.X, n_comps=n_comps, random_state=0)
+    hv = adata.copy()
+    sc.pp.highly_variable_genes(hv, n_top_genes=2000, flavor="seurat")
+    hv = hv[:, hv.var["highly_variable"]].copy()
+    sc.pp.scale(hv, max_value=10)
+    return sc.pp.pca(hv.X, n_comps=n_comps, random_state=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=("pbmc3k", "pbmc68k"), default="pbmc3k")
+    parser.add_argument("--n-seeds", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["ae", "vae", "vsc"])
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hyperparameter override for every model (JSON value), e.g. --set n_latent=10",
+    )
+    parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+
+    adata, label_key = load(args.data)
+    print(
+        f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes; labels {label_key!r} "
+        f"({adata.obs[label_key].nunique()} classes); overrides {overrides or 'none'}"
+    )
+    reps, seconds = [], {}
+    for m in args.models:
+        t = time.perf_counter()
+        getattr(sv.tl, m)(adata, progress=False, **overrides)
+        seconds[f"X_{m}"] = time.perf_counter() - t
+        reps.append(f"X_{m}")
+    if not args.no_pca:
+        adata.obsm["X_pca10"] = pca_baseline(adata, 10, args.data)
+        reps.append("X_pca10")
+    summary = sv.tl.evaluate(adata, label_key, reps=reps, n_seeds=args.n_seeds, progress=False)
+    wide = summary.pivot(index="rep", columns="metric", values=["mean", "std"]).loc[reps]
+
+    cols = ["nmi", "ari", "homogeneity", "completeness", "latent_ari", "knn_purity"]
+    head = f"{'rep':<9}{'train s':>9}" + "".join(f"{c:>16}" for c in cols)
+    if args.data == "pbmc3k":
+        head += f"{'write-up NMI/ARI':>18}{'target met':>12}"
+    print(head)
+    for rep in reps:
+        line = f"{rep:<9}{seconds.get(rep, float('nan')):>9.1f}"
+        line += "".join(
+            f"{wide.loc[rep, ('mean', c)]:>10.3f} ±{wide.loc[rep, ('std', c)]:.3f}" for c in cols
+        )
+        if args.data == "pbmc3k":
+            ref = WRITEUP_TABLE.loc[rep, ["nmi", "ari"]] if rep in WRITEUP_TABLE.index else None
+            line += f"{(f'{ref.iloc[0]:.2f} / {ref.iloc[1]:.2f}' if ref is not None else '-'):>18}"
+            ok = all(wide.loc[rep, ("mean", k)] >= v for k, v in TARGET.items())
+            line += f"{('yes' if ok else 'NO'):>12}"
+        print(line)
+    if args.data == "pbmc3k":
+        print(
+            f"targets (every model, mean of seeds): NMI >= {TARGET['nmi']}, ARI >= {TARGET['ari']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
