@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +30,45 @@ class TrainingResult:
 
     history: dict[str, np.ndarray]
     seconds: float
+
+
+# glibc's mallopt parameters, and its defaults (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DEFAULT_TRIM, _DEFAULT_MMAP = 128 * 1024, 128 * 1024
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # pragma: no cover - musl or an unusual libc
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory(max_block: int = 64 << 20) -> Iterator[None]:
+    """Keep freed blocks of up to ``max_block`` bytes in the heap while training.
+
+    Each step allocates and frees the same few multi-megabyte tensors (gradients of the
+    ``n_genes``-wide layers, the Gram products). glibc serves such blocks with ``mmap`` and
+    hands them back on ``free``, so every step page-faults them in again: 10-15 % of a step on
+    PBMC3k. Raising the thresholds keeps them in the heap; the defaults are restored and the
+    heap is trimmed afterwards. A no-op off glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, max_block)
+    libc.mallopt(_M_TRIM_THRESHOLD, 8 * max_block)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+        libc.malloc_trim(0)
 
 
 def train(
@@ -58,27 +102,28 @@ def train(
     history: list[list[float]] = []
     start = time.perf_counter()
     bar = tqdm(range(epochs), desc=description, unit="epoch", disable=not progress, leave=True)
-    for epoch in bar:
-        module.set_progress(epoch / max(epochs - 1, 1))
-        totals: torch.Tensor | None = None
-        for batch in loader.epoch(rng):
-            terms = module.loss(batch, generator)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            weighted = torch.stack([t.detach() for t in terms.values()]) * batch.n_cells
-            totals = weighted if totals is None else totals + weighted
-            names = names or list(terms)
-        # One host sync per epoch, not per batch.
-        means = (totals / loader.n_cells).tolist()
-        if not np.all(np.isfinite(means)):
-            raise TrainingDivergedError(
-                f"Training diverged: the loss became {means[0]} in epoch {epoch + 1} of {epochs}. "
-                f"Try a lower learning rate (lr={lr:g} now, e.g. lr={lr / 10:g}), or check the "
-                "input's scale."
-            )
-        history.append(means)
-        bar.set_postfix(loss=f"{means[0]:.4g}", refresh=False)
+    with reuse_freed_memory():
+        for epoch in bar:
+            module.set_progress(epoch / max(epochs - 1, 1))
+            totals: torch.Tensor | None = None
+            for batch in loader.epoch(rng):
+                terms = module.loss(batch, generator)
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                optimizer.step()
+                weighted = torch.stack([t.detach() for t in terms.values()]) * batch.n_cells
+                totals = weighted if totals is None else totals + weighted
+                names = names or list(terms)
+            # One host sync per epoch, not per batch.
+            means = (totals / loader.n_cells).tolist()
+            if not np.all(np.isfinite(means)):
+                raise TrainingDivergedError(
+                    f"Training diverged: the loss became {means[0]} in epoch {epoch + 1} of "
+                    f"{epochs}. Try a lower learning rate (lr={lr:g} now, e.g. lr={lr / 10:g}), "
+                    "or check the input's scale."
+                )
+            history.append(means)
+            bar.set_postfix(loss=f"{means[0]:.4g}", refresh=False)
     seconds = time.perf_counter() - start
     values = np.asarray(history, dtype=np.float64).reshape(len(history), -1)
     return TrainingResult({n: values[:, i] for i, n in enumerate(names or [])}, seconds)

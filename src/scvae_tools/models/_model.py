@@ -132,6 +132,12 @@ class LatentModel:
             raise ValueError("`return_spike=True` needs a VSC model; this one is " + self.kind)
         X = self._matrix(data, layer)
         validate_matrix(X, name="the input")
+        return self._encode_matrix(X, batch_size=batch_size, return_spike=return_spike)
+
+    def _encode_matrix(
+        self, X: Any, *, batch_size: int = 4096, return_spike: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode` for a matrix already checked (the tools validate before training)."""
         loader = MinibatchLoader(X, batch_size, device=self.device)
         means, spikes = [], []
         for batch in loader.sequential(batch_size):

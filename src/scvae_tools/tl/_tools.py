@@ -125,7 +125,7 @@ def _fit(
         description=f"sv.tl.{kind}",
     )
     model.module.eval()
-    encoded = model.encode(X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc")
+    encoded = model._encode_matrix(X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc")
     rep, spike = encoded if kind == "vsc" else (encoded, None)
     if not np.isfinite(rep).all():
         raise TrainingDivergedError(
