@@ -24,6 +24,20 @@ __all__ = ["MinibatchLoader", "get_matrix", "iter_row_blocks", "validate_matrix"
 _BLOCK_ROWS = 8192
 
 
+def check_anndata(adata: Any) -> None:
+    """Raise a clear error unless ``adata`` is an AnnData with at least one cell and one gene."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(
+            f"Expected an AnnData, got {type(adata).__name__}. Wrap a matrix with "
+            "`anndata.AnnData(X)` first."
+        )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); at least one "
+            "cell and one gene are needed. Check the filtering steps that produced it."
+        )
+
+
 def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
     """The matrix a tool trains on: ``adata.X`` or ``adata.layers[layer]``.
 
@@ -47,16 +61,7 @@ def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
     KeyError
         ``layer`` is not one of ``adata.layers``.
     """
-    if not isinstance(adata, AnnData):
-        raise TypeError(
-            f"Expected an AnnData, got {type(adata).__name__}. Wrap a matrix with "
-            "`anndata.AnnData(X)` first."
-        )
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(
-            f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); a model needs "
-            "at least one cell and one gene. Check the filtering steps that produced it."
-        )
+    check_anndata(adata)
     if layer is not None:
         if layer not in adata.layers:
             present = ", ".join(repr(k) for k in adata.layers.keys()) or "none"

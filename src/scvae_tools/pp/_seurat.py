@@ -12,6 +12,8 @@ import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._data import check_anndata
+
 __all__ = ["recipe_seurat", "seurat_clusters"]
 
 #: Prefix of the mitochondrial gene symbols of the human references (hg19, GRCh38).
@@ -19,16 +21,7 @@ _MITO_PREFIX = "MT-"
 
 
 def _check_adata(adata: Any) -> None:
-    if not isinstance(adata, AnnData):
-        raise TypeError(
-            f"Expected an AnnData, got {type(adata).__name__}. Wrap a matrix with "
-            "`anndata.AnnData(X)` first."
-        )
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(
-            f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes). Check the "
-            "steps that produced it."
-        )
+    check_anndata(adata)
     if adata.X is None:
         raise ValueError("adata.X is None; put the matrix to process in adata.X.")
 
