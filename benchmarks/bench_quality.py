@@ -67,6 +67,9 @@ def main() -> None:
         help="hyperparameter override for every model (JSON value), e.g. --set n_latent=10",
     )
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline")
+    parser.add_argument(
+        "--figures", metavar="DIR", help="also save the metrics heatmap and t-SNE/k-means figure"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -108,6 +111,18 @@ def main() -> None:
         print(
             f"targets (every model, mean of seeds): NMI >= {TARGET['nmi']}, ARI >= {TARGET['ari']}"
         )
+    if args.figures:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        out = Path(args.figures)
+        out.mkdir(parents=True, exist_ok=True)
+        ref = WRITEUP_TABLE if args.data == "pbmc3k" else None
+        ax = sv.pl.metrics_heatmap(adata, reference=ref, show=False)
+        ax.figure.savefig(out / f"{args.data}_metrics.png", dpi=90, bbox_inches="tight")
+        fig = sv.pl.tsne_kmeans(adata, label_key, reps=reps, show=False)
+        fig.savefig(out / f"{args.data}_tsne_kmeans.png", dpi=55, bbox_inches="tight")
+        print(f"figures written to {out}/")
 
 
 if __name__ == "__main__":
