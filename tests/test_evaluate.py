@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
-from _synthetic import log_adata
+from _synthetic import SHARED_PBMC3K, log_adata
 
 import scvae_tools as sv
+from scvae_tools._reproduce import load_data
 from scvae_tools.cli import main
 
 FAST = {"n_seeds": 2, "n_init": 3, "perplexity": 10, "progress": False}
@@ -170,3 +171,20 @@ def test_reproduce_cli_reports_a_bad_label_key(tmp_path, capsys):
     code = main(["reproduce", "--out", str(tmp_path), "--labels", "nope", "--epochs", "1"])
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not SHARED_PBMC3K.exists(),
+    reason="PBMC3k test data not found at ../shared/data/pbmc3k (only on developer machines/CI)",
+)
+def test_reproduce_loads_raw_counts_through_the_seurat_recipe():
+    adata, label_key, source = load_data(
+        str(SHARED_PBMC3K / "filtered_gene_bc_matrices" / "hg19"), None
+    )
+    assert adata.shape == (2638, 13714)
+    assert label_key == "seurat_clusters" and adata.obs[label_key].nunique() == 9
+    assert "recipe_seurat" in source and "seurat_clusters" in source
+    # Log-normalised: each cell's counts sum to 1e4 before log1p.
+    np.testing.assert_allclose(np.expm1(adata.X[:5].toarray()).sum(1), 1e4, rtol=1e-3)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_data(str(SHARED_PBMC3K / "nope.h5ad"), None)
