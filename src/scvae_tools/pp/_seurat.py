@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import numpy as np
@@ -12,6 +10,7 @@ import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._checks import check_float, check_int
 from .._data import check_anndata
 
 __all__ = ["recipe_seurat", "seurat_clusters"]
@@ -24,22 +23,6 @@ def _check_adata(adata: Any) -> None:
     check_anndata(adata)
     if adata.X is None:
         raise ValueError("adata.X is None; put the matrix to process in adata.X.")
-
-
-def _check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-    return float(value)
 
 
 def _values(X: Any) -> np.ndarray:
@@ -147,11 +130,11 @@ def recipe_seurat(
         the filters keep no cell or no gene. Nothing is modified in these cases.
     """
     _check_adata(adata)
-    min_cells = _check_int("min_cells", min_cells)
-    min_genes = _check_int("min_genes", min_genes)
-    max_genes = _check_int("max_genes", max_genes, minimum=1)
-    max_pct_mito = _check_positive("max_pct_mito", max_pct_mito)
-    target_sum = _check_positive("target_sum", target_sum)
+    min_cells = check_int("min_cells", min_cells, minimum=0)
+    min_genes = check_int("min_genes", min_genes, minimum=0)
+    max_genes = check_int("max_genes", max_genes, minimum=1)
+    max_pct_mito = check_float("max_pct_mito", max_pct_mito, low=0.0, open_low=True)
+    target_sum = check_float("target_sum", target_sum, low=0.0, open_low=True)
     if max_genes <= min_genes + 1:
         raise ValueError(
             f"No cell can have min_genes < n_genes < max_genes with min_genes={min_genes} and "
@@ -282,11 +265,11 @@ def seurat_clusters(
         :func:`recipe_seurat` first), or ``n_pcs`` not below ``min(n_obs, n_hvg)``.
     """
     _check_adata(adata)
-    n_top_genes = _check_int("n_top_genes", n_top_genes, minimum=1)
-    n_pcs = _check_int("n_pcs", n_pcs, minimum=1)
-    n_neighbors = _check_int("n_neighbors", n_neighbors, minimum=2)
-    resolution = _check_positive("resolution", resolution)
-    random_state = _check_int("random_state", random_state)
+    n_top_genes = check_int("n_top_genes", n_top_genes, minimum=1)
+    n_pcs = check_int("n_pcs", n_pcs, minimum=1)
+    n_neighbors = check_int("n_neighbors", n_neighbors, minimum=2)
+    resolution = check_float("resolution", resolution, low=0.0, open_low=True)
+    random_state = check_int("random_state", random_state, minimum=0)
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"`key_added` must be a non-empty string, got {key_added!r}.")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
+from .._checks import check_bool, check_float, check_int
 from .._data import MinibatchLoader, get_matrix, validate_matrix
 from .._training import TrainingDivergedError, train
 from ..models._model import LatentModel, ModelKind
@@ -18,35 +18,6 @@ from ..models._model import LatentModel, ModelKind
 __all__ = ["ae", "vae", "vsc"]
 
 Device = Literal["auto", "cpu", "cuda"] | str
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def _check_float(
-    name: str, value: Any, *, low: float, high: float = math.inf, open_low: bool, open_high=False
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {value!r}.")
-    v = float(value)
-    too_low = v <= low if open_low else v < low
-    too_high = v >= high if open_high else v > high
-    if not math.isfinite(v) or too_low or too_high:
-        lo = "(" if open_low else "["
-        hi = ")" if open_high or high == math.inf else "]"
-        raise ValueError(f"`{name}` must lie in {lo}{low:g}, {high:g}{hi}, got {value!r}.")
-    return v
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-    return bool(value)
 
 
 def _check_hidden(hidden: Any) -> tuple[int, ...]:
@@ -57,7 +28,7 @@ def _check_hidden(hidden: Any) -> tuple[int, ...]:
             f"`hidden` must be a non-empty sequence of layer widths such as (128, 32, 16), "
             f"got {hidden!r}."
         )
-    return tuple(_check_int("hidden", h) for h in hidden)
+    return tuple(check_int("hidden", h) for h in hidden)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -93,12 +64,12 @@ def _fit(
 ) -> AnnData | LatentModel | tuple[AnnData, LatentModel] | None:
     # Everything is checked and computed before the AnnData is touched, so any failure (bad
     # input, divergence, Ctrl-C) leaves it exactly as it was.
-    n_latent = _check_int("n_latent", n_latent)
+    n_latent = check_int("n_latent", n_latent)
     hidden = _check_hidden(hidden)
-    epochs = _check_int("epochs", epochs)
-    batch_size = _check_int("batch_size", batch_size)
-    lr = _check_float("lr", lr, low=0.0, open_low=True)
-    random_state = _check_int("random_state", random_state, minimum=0)
+    epochs = check_int("epochs", epochs)
+    batch_size = check_int("batch_size", batch_size)
+    lr = check_float("lr", lr, low=0.0, open_low=True)
+    random_state = check_int("random_state", random_state, minimum=0)
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"`key_added` must be a non-empty string or None, got {key_added!r}.")
     dev = resolve_device(device)
@@ -261,7 +232,7 @@ def ae(
     return _fit(
         "ae",
         adata,
-        model_options={"first_activation": _check_bool("first_activation", first_activation)},
+        model_options={"first_activation": check_bool("first_activation", first_activation)},
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
@@ -295,13 +266,13 @@ def vae(
     return_model: bool = False,
     copy: bool = False,
 ) -> AnnData | LatentModel | tuple[AnnData, LatentModel] | None:
-    beta = _check_float("beta", beta, low=0.0, open_low=False)
+    beta = check_float("beta", beta, low=0.0, open_low=False)
     return _fit(
         "vae",
         adata,
         model_options={
             "beta": beta,
-            "first_activation": _check_bool("first_activation", first_activation),
+            "first_activation": check_bool("first_activation", first_activation),
         },
         n_latent=n_latent,
         hidden=hidden,
@@ -337,8 +308,8 @@ def vsc(
     return_model: bool = False,
     copy: bool = False,
 ) -> AnnData | LatentModel | tuple[AnnData, LatentModel] | None:
-    beta = _check_float("beta", beta, low=0.0, open_low=False)
-    prior_spike = _check_float(
+    beta = check_float("beta", beta, low=0.0, open_low=False)
+    prior_spike = check_float(
         "prior_spike", prior_spike, low=0.0, high=1.0, open_low=True, open_high=True
     )
     return _fit(
@@ -347,7 +318,7 @@ def vsc(
         model_options={
             "beta": beta,
             "prior_spike": prior_spike,
-            "first_activation": _check_bool("first_activation", first_activation),
+            "first_activation": check_bool("first_activation", first_activation),
         },
         n_latent=n_latent,
         hidden=hidden,
