@@ -10,7 +10,7 @@ from torch import nn
 
 from ._latent import DeterministicLatent, GaussianLatent, LatentOutput, SpikeSlabLatent
 from ._losses import squared_error_gram
-from ._nn import Batch, InputLinear, OutputLinear, gram, mlp
+from ._nn import Batch, InputLinear, OutputLinear, mlp, output_products
 
 __all__ = ["LATENT_TYPES", "AutoencoderModule", "LatentType"]
 
@@ -88,7 +88,8 @@ class AutoencoderModule(nn.Module):
         """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity."""
         weight = self.output_layer.weight
         h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
-        return squared_error_gram(batch.sq_norm, batch.matmul(weight), h, gram(weight))
+        x_dot_weight, gram = output_products(batch, weight)
+        return squared_error_gram(batch.sq_norm, x_dot_weight, h, gram)
 
     def loss(
         self, batch: Batch, generator: torch.Generator | None = None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Batch", "InputLinear", "OutputLinear", "gram", "mlp"]
+__all__ = ["Batch", "InputLinear", "OutputLinear", "gram", "mlp", "output_products"]
 
 
 class _SparseMatmul(torch.autograd.Function):
@@ -28,15 +28,18 @@ class _SparseMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        t = ctx.transposed
-        grad = F.embedding_bag(
-            t.col_indices(),
-            grad_out.contiguous(),
-            t.crow_indices()[:-1],
-            mode="sum",
-            per_sample_weights=t.values(),
-        )
-        return grad, None, None, None, None
+        return _transposed_matmul(ctx.transposed, grad_out), None, None, None, None
+
+
+def _transposed_matmul(transposed: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``x.T @ grad`` from the transposed batch (CSR, ``n_genes x n_cells``), as a sum per gene."""
+    return F.embedding_bag(
+        transposed.col_indices(),
+        grad.contiguous(),
+        transposed.crow_indices()[:-1],
+        mode="sum",
+        per_sample_weights=transposed.values(),
+    )
 
 
 @dataclass
@@ -155,6 +158,52 @@ class _Gram(torch.autograd.Function):
 def gram(weight: torch.Tensor) -> torch.Tensor:
     """Gram matrix ``weight.T @ weight`` of a ``(n, k)`` weight; shape ``(k, k)``."""
     return _Gram.apply(weight)
+
+
+class _OutputProducts(torch.autograd.Function):
+    """``x @ weight`` (sparse training batch) and ``weight.T @ weight``, differentiated together.
+
+    Both products contribute to the gradient of the same ``n_genes``-row weight; computing it in
+    one buffer (the sparse part, then ``addmm_`` of the Gram part) saves allocating, writing and
+    adding a second ``n_genes x k`` gradient every step.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, indices, offsets, values, transposed):
+        ctx.save_for_backward(weight)
+        ctx.transposed = transposed
+        x_dot_weight = F.embedding_bag(
+            indices, weight, offsets, mode="sum", per_sample_weights=values
+        )
+        return x_dot_weight, weight.T @ weight
+
+    @staticmethod
+    def backward(ctx, grad_xw, grad_gram):
+        (weight,) = ctx.saved_tensors
+        grad = _transposed_matmul(ctx.transposed, grad_xw)
+        grad.addmm_(weight, grad_gram + grad_gram.T)
+        return grad, None, None, None, None
+
+
+def output_products(batch: Batch, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x @ weight, weight.T @ weight)``: what the Gram form of the squared error needs.
+
+    Parameters
+    ----------
+    batch
+        The minibatch ``x``, ``(n_cells, n_genes)``.
+    weight
+        Shape ``(n_genes, k)``.
+
+    Returns
+    -------
+    Shapes ``(n_cells, k)`` and ``(k, k)``.
+    """
+    if batch.is_sparse and batch.transposed is not None and weight.requires_grad:
+        return _OutputProducts.apply(
+            weight, batch.indices, batch.offsets, batch.values, batch.transposed
+        )
+    return batch.matmul(weight), gram(weight)
 
 
 class OutputLinear(nn.Module):
