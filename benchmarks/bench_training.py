@@ -268,6 +268,31 @@ def _fmt_mb(x: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def time_200(adata: Any, tool: str, device: str = "cpu") -> float:
+    """Wall time of one real ``sv.tl.<tool>(adata, epochs=200)`` call, everything included.
+
+    Short timed calls overstate a long run: each call starts with a cold heap and a new model,
+    so the first epochs cost more. The 200-epoch target is checked against this measurement.
+    """
+    import scvae_tools as sv
+
+    key = f"_bench200_{tool}"
+    t0 = time.perf_counter()
+    getattr(sv.tl, tool)(
+        adata,
+        epochs=EXTRAPOLATE_EPOCHS,
+        batch_size=BATCH_SIZE,
+        progress=False,
+        device=device,
+        key_added=key,
+    )
+    wall = time.perf_counter() - t0
+    for k in [key, f"{key}_spike"]:
+        adata.obsm.pop(k, None)
+    adata.uns.pop(key, None)
+    return wall
+
+
 def time_ours(adata: Any, tool: str, *, epochs: int, repeats: int, device: str = "cpu") -> Timing:
     """Whole calls of ``sv.tl.<tool>(adata, epochs=epochs)``, after a 1-epoch warm-up call.
 
@@ -626,6 +651,9 @@ def pbmc_section(args: argparse.Namespace) -> list[str]:
         for tool in TOOLS:
             log(f"{gs}: sv.tl.{tool}, warm-up + {args.repeats} x {args.epochs} epochs")
             ours[gs][tool] = time_ours(data, tool, epochs=args.epochs, repeats=args.repeats)
+            if not args.quick:
+                log(f"{gs}: sv.tl.{tool}, one {EXTRAPOLATE_EPOCHS}-epoch call")
+                ours[gs][tool].extra["measured_200"] = time_200(data, tool)
             if cuda:
                 log(f"{gs}: sv.tl.{tool} on cuda")
                 ours[gs][f"{tool} (cuda)"] = time_ours(
@@ -679,14 +707,17 @@ def pbmc_section(args: argparse.Namespace) -> list[str]:
             kind = name.split()[0]
             r_dense = dense[gs][kind].per_epoch / t.per_epoch
             r_scvi = zinb / t.per_epoch
+            t200 = t.extra.get("measured_200", t.est_200)
             checks = [
                 f"dense {'ok' if r_dense >= TARGET_DENSE_RATIO else 'MISS'}",
                 f"scvi {'ok' if r_scvi >= TARGET_SCVI_RATIO else 'MISS'}",
-                f"200ep {'ok' if t.est_200 <= TARGET_200_S[gs] else 'MISS'}",
+                f"200ep {'ok' if t200 <= TARGET_200_S[gs] else 'MISS'}",
             ]
+            measured = t.extra.get("measured_200")
+            two_hundred = _fmt_s(t.est_200) + (f" ({_fmt_s(measured)})" if measured else "")
             out.append(
                 f"| sv.tl.{name} | {_fmt_s(t.per_epoch)} | {_fmt_s(t.extra.get('loop'))} "
-                f"| {_fmt_s(t.est_200)} | {_fmt_mb(t.peak)} | {_fmt_mb(t.delta)} "
+                f"| {two_hundred} | {_fmt_mb(t.peak)} | {_fmt_mb(t.delta)} "
                 f"| {r_dense:.2f}x | {r_scvi:.2f}x | {', '.join(checks)} |"
             )
         for t in [*dense[gs].values(), *scvi_t[gs].values()]:
@@ -789,12 +820,13 @@ subtracted (input checks, set-up and encoding the latent space are included). Fo
 the median epoch after one warm-up epoch (dense loop: own timer; SCVI: a Lightning callback).
 `loop s/epoch`: the tool's own training-loop time per epoch (`uns[key]["seconds_per_epoch"]`).
 `200 epochs`: predicted wall time of a 200-epoch run, fixed part (call minus loop; baselines:
-set-up) + 200 x loop time per epoch. `peak RSS` of sv.tl.*: peak resident set size (VmHWM) of a
-fresh Python process that imports scvae-tools, reads this matrix (written once to a temporary
-.h5ad) and runs the tool for 1 epoch; `+RSS`: that minus the RSS once the data is loaded. For
-the baselines, both are taken inside the benchmark process around the whole run (set-up and all
-epochs): peak during it and peak minus the RSS just before it, so memory the process already
-held and reuses is not counted. `dense / ours` and
+set-up) + 200 x loop time per epoch; for sv.tl.* in full mode, in brackets, the wall time of one
+real 200-epoch call, which the 200-epoch target is checked against. `peak RSS` of sv.tl.*: peak
+resident set size (VmHWM) of a fresh Python process that imports scvae-tools, reads this matrix
+(written once to a temporary .h5ad) and runs the tool for 1 epoch; `+RSS`: that minus the RSS
+once the data is loaded. For the baselines, both are taken inside the benchmark process around
+the whole run (set-up and all epochs): peak during it and peak minus the RSS just before it, so
+memory the process already held and reuses is not counted. `dense / ours` and
 `SCVI-ZINB / ours`: baseline per-epoch time over sv.tl.*'s `s/epoch` (higher is better for us);
 the dense baseline of vsc is the same loop with the spike-and-slab latent. SCVI runs on the raw
 counts layer (both likelihoods), n_hidden 128, one hidden layer, its own defaults otherwise.
