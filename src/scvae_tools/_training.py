@@ -32,9 +32,10 @@ class TrainingResult:
     seconds: float
 
 
-# glibc's mallopt parameters, and its defaults (malloc.h).
+# glibc's mallopt parameters (malloc.h), and the values its dynamic threshold settles at for
+# programs that allocate large blocks (the mmap threshold grows up to 32 MiB, trim is twice it).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_DEFAULT_TRIM, _DEFAULT_MMAP = 128 * 1024, 128 * 1024
+_SETTLED_MMAP, _SETTLED_TRIM = 32 << 20, 64 << 20
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -54,8 +55,10 @@ def reuse_freed_memory(max_block: int = 64 << 20) -> Iterator[None]:
     Each step allocates and frees the same few multi-megabyte tensors (gradients of the
     ``n_genes``-wide layers, the Gram products). glibc serves such blocks with ``mmap`` and
     hands them back on ``free``, so every step page-faults them in again: 10-15 % of a step on
-    PBMC3k. Raising the thresholds keeps them in the heap; the defaults are restored and the
-    heap is trimmed afterwards. A no-op off glibc.
+    PBMC3k. Raising the thresholds keeps them in the heap. Afterwards the heap is trimmed and
+    the thresholds are left where glibc's own dynamic threshold settles for large blocks (any
+    ``mallopt`` call ends the dynamic adjustment, and glibc's small start values would make
+    later large allocations of the process page-fault every time). A no-op off glibc.
     """
     libc = _glibc()
     if libc is None:
@@ -66,8 +69,8 @@ def reuse_freed_memory(max_block: int = 64 << 20) -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+        libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP)
+        libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM)
         libc.malloc_trim(0)
 
 
