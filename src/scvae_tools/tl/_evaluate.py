@@ -21,6 +21,8 @@ from sklearn.metrics import (
 from sklearn.neighbors import NearestNeighbors
 from tqdm.auto import tqdm
 
+from .._checks import check_int
+
 __all__ = ["PROTOCOL_METRICS", "evaluate", "tsne3d"]
 
 #: The write-up's metrics, computed on k-means of the 2-D t-SNE.
@@ -169,6 +171,8 @@ def evaluate(
     ValueError
         Missing labels, fewer than two label classes, non-finite representations, invalid
         ``n_seeds``, ``n_init``, ``n_neighbors`` or ``perplexity``.
+    TypeError
+        ``n_seeds``, ``n_init`` or ``n_neighbors`` not an integer, ``perplexity`` not a number.
 
     Examples
     --------
@@ -196,9 +200,9 @@ def evaluate(
     reps = tuple(reps)
     if not reps:
         raise ValueError("`reps` is empty; pass obsm keys such as ('X_vae', 'X_vsc').")
-    for name, value in (("n_seeds", n_seeds), ("n_init", n_init), ("n_neighbors", n_neighbors)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    n_seeds = check_int("n_seeds", n_seeds)
+    n_init = check_int("n_init", n_init)
+    n_neighbors = check_int("n_neighbors", n_neighbors)
     perplexity = _check_perplexity(perplexity, adata.n_obs)
     latents = {rep: _representation(adata, rep) for rep in reps}
 
