@@ -36,8 +36,9 @@ def test_gram_reconstruction_equals_dense_squared_error(sparse):
     reference = squared_error(torch.from_numpy(dense), module.output_layer(h))
     torch.testing.assert_close(gram_loss, reference, rtol=1e-4, atol=1e-4)
     # The gradients are the same too, for the weights and for the hidden layer.
-    grads = torch.autograd.grad(gram_loss.sum(), [h, module.output_layer.weight])
-    ref_grads = torch.autograd.grad(reference.sum(), [h, module.output_layer.weight])
+    wrt = [h, module.output_layer.weight, module.output_layer.bias]
+    grads = torch.autograd.grad(gram_loss.sum(), wrt)
+    ref_grads = torch.autograd.grad(reference.sum(), wrt)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -135,4 +136,5 @@ def test_architecture_follows_the_write_up():
     assert head == [16, 6]
     dec = [m.out_features for m in module.decoder_body if isinstance(m, torch.nn.Linear)]
     assert dec == [16, 32, 128]
-    assert module.output_layer.weight.shape == (100, 129)
+    assert module.output_layer.weight.shape == (100, 128)
+    assert module.output_layer.bias.shape == (100,)

@@ -86,9 +86,9 @@ class AutoencoderModule(nn.Module):
 
     def reconstruction_loss(self, batch: Batch, h: torch.Tensor) -> torch.Tensor:
         """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity."""
-        weight = self.output_layer.weight
+        layer = self.output_layer
         h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
-        x_dot_weight, gram = output_products(batch, weight)
+        x_dot_weight, gram = output_products(batch, layer.weight, layer.bias)
         return squared_error_gram(batch.sq_norm, x_dot_weight, h, gram)
 
     def loss(
