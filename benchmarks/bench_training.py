@@ -709,11 +709,11 @@ def pbmc_section(args: argparse.Namespace) -> list[str]:
             r_dense = dense[gs][kind].per_epoch / t.per_epoch
             r_scvi = zinb / t.per_epoch
             t200 = t.extra.get("measured_200", t.est_200)
+            # The ratio targets are set for all genes only; with HVGs only the 200-epoch one.
             checks = [
                 f"dense {'ok' if r_dense >= TARGET_DENSE_RATIO else 'MISS'}",
                 f"scvi {'ok' if r_scvi >= TARGET_SCVI_RATIO else 'MISS'}",
-                f"200ep {'ok' if t200 <= TARGET_200_S[gs] else 'MISS'}",
-            ]
+            ] * (gs == "all") + [f"200ep {'ok' if t200 <= TARGET_200_S[gs] else 'MISS'}"]
             measured = t.extra.get("measured_200")
             two_hundred = _fmt_s(t.est_200) + (f" ({_fmt_s(measured)})" if measured else "")
             out.append(
@@ -728,10 +728,10 @@ def pbmc_section(args: argparse.Namespace) -> list[str]:
             )
         out.append("")
     out += [
-        f"Targets: each tool >= {TARGET_DENSE_RATIO:g}x faster per epoch than the dense loop of "
-        f"the same model and >= {TARGET_SCVI_RATIO:g}x faster than SCVI-ZINB; 200 epochs "
-        f"<= {TARGET_200_S['all']:g} s with all genes, <= {TARGET_200_S['hvg']:g} s with 2,000 "
-        "HVGs.",
+        f"Targets: with all genes, each tool >= {TARGET_DENSE_RATIO:g}x faster per epoch than the "
+        f"dense loop of the same model and >= {TARGET_SCVI_RATIO:g}x faster than SCVI-ZINB; "
+        f"200 epochs <= {TARGET_200_S['all']:g} s with all genes, "
+        f"<= {TARGET_200_S['hvg']:g} s with 2,000 HVGs.",
         "",
     ]
     return out

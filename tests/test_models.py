@@ -6,6 +6,7 @@ import scipy.sparse as sp
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
+from scvae_tools import _data
 from scvae_tools._data import to_batch
 from scvae_tools.models import (
     AutoencoderModule,
@@ -59,6 +60,24 @@ def test_batch_norms_include_empty_cells():
     batch = to_batch(csr)
     np.testing.assert_allclose(batch.sq_norm.numpy(), (dense**2).sum(1), rtol=1e-5)
     assert batch.sq_norm[5] == 0
+
+
+@pytest.mark.parametrize("cut_ahead", [1, 150, 1 << 22])
+def test_loader_epoch_visits_every_cell_once_in_the_drawn_order(monkeypatch, cut_ahead):
+    # Batches are cut a few at a time (up to _CUT_AHEAD_VALUES); that must not change them.
+    monkeypatch.setattr(_data, "_CUT_AHEAD_VALUES", cut_ahead)
+    _, dense = _sparse_block(seed=3, n_cells=45)
+    dense[:, 0] = np.arange(45) + 1  # the cell's number, to recognise it in a batch
+    loader = _data.MinibatchLoader(sp.csr_matrix(dense), batch_size=8)
+    batches = list(loader.epoch(np.random.default_rng(0)))
+    order = np.random.default_rng(0).permutation(45)
+    assert [b.n_cells for b in batches] == [8] * 5 + [5]
+    for i, batch in enumerate(batches):
+        cells = batch.matmul(torch.eye(30)[:, :1])[:, 0].numpy() - 1
+        np.testing.assert_array_equal(cells, np.sort(order[8 * i : 8 * i + 8]))
+        torch.testing.assert_close(
+            batch.sq_norm, torch.from_numpy((dense[cells.astype(int)] ** 2).sum(1))
+        )
 
 
 def test_gaussian_kl_matches_torch_distributions():
