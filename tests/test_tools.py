@@ -80,6 +80,23 @@ def test_first_activation_shapes_the_encoder_and_is_recorded():
     assert not np.allclose(adata.obsm["X_ae"], adata.obsm["relu"])
 
 
+@pytest.mark.parametrize("name", ["vae", "vsc"])
+def test_kl_warmup_weighs_the_kl_from_zero_up_to_beta(name):
+    adata = log_adata()
+    plain = TOOLS[name](adata, beta=3.0, **{**FAST, "epochs": 5})
+    TOOLS[name](adata, beta=3.0, kl_warmup=0.5, key_added="warm", **{**FAST, "epochs": 5})
+    assert plain is None
+    assert adata.uns[name]["params"]["kl_warmup"] == 0.0
+    assert adata.uns["warm"]["params"]["kl_warmup"] == 0.5
+    # The recorded loss is reconstruction + weight * kl: the weight of each epoch (progress
+    # 0, 0.25, 0.5, ... of training) rises linearly to beta at half of training, then stays.
+    for key, expected in [(name, [3.0] * 5), ("warm", [0.0, 1.5, 3.0, 3.0, 3.0])]:
+        h = adata.uns[key]["history"]
+        weight = (h["loss"] - h["reconstruction"]) / h["kl"]
+        np.testing.assert_allclose(weight, expected, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(adata.obsm[f"X_{name}"], adata.obsm["warm"])
+
+
 def test_history_terms_per_model():
     adata = log_adata()
     for tool in TOOLS.values():
@@ -250,6 +267,8 @@ def test_progress_bar_and_quiet(capfd):
         ({"device": "tpu9"}, ValueError, "device"),
         ({"key_added": ""}, ValueError, "key_added"),
         ({"first_activation": "yes"}, TypeError, "first_activation"),
+        ({"kl_warmup": 1.5}, ValueError, "kl_warmup"),
+        ({"kl_warmup": -0.1}, ValueError, "kl_warmup"),
     ],
 )
 def test_invalid_hyperparameters(options, error, match):
@@ -430,3 +449,21 @@ def test_pbmc3k_end_to_end():
         assert loss[-1] < loss[0]
     sc.tl.tsne(adata, use_rep="X_vsc", perplexity=40)
     assert adata.obsm["X_tsne"].shape == (2638, 2)
+
+
+def test_cli_train_writes_the_latent_space_and_the_model(tmp_path, capsys):
+    from scvae_tools.cli import main
+
+    adata = log_adata()
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    args = ["train", "vsc", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad")]
+    args += ["--beta", "3", "--kl-warmup", "0.5", "--epochs", "2", "--quiet"]
+    assert main([*args, "--save-model", str(tmp_path / "m.pt")]) == 0
+    assert "Wrote obsm['X_vsc']" in capsys.readouterr().out
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.obsm["X_vsc"].shape == (adata.n_obs, 6)
+    params = out.uns["vsc"]["params"]
+    assert (params["beta"], params["kl_warmup"], params["epochs"]) == (3.0, 0.5, 2)
+    model = sv.models.load(tmp_path / "m.pt")
+    assert model.module.kl_warmup == 0.5
+    np.testing.assert_allclose(model.encode(out), out.obsm["X_vsc"], rtol=1e-4, atol=1e-5)

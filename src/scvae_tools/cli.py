@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--layer", default=None, help="train on this layer instead of X")
     train.add_argument("--beta", type=float, default=2.0, help="KL weight, vae/vsc (2.0)")
     train.add_argument(
+        "--kl-warmup",
+        type=float,
+        default=0.0,
+        help="fraction of the epochs over which the KL weight rises from 0 to beta, vae/vsc (0)",
+    )
+    train.add_argument(
         "--prior-spike", type=float, default=0.5, help="prior spike probability, vsc (0.5)"
     )
     train.add_argument("--key-added", default=None, help="obsm/uns key instead of the default")
@@ -110,6 +116,7 @@ def _train(args: argparse.Namespace) -> int:
     }
     if args.model in ("vae", "vsc"):
         options["beta"] = args.beta
+        options["kl_warmup"] = args.kl_warmup
     if args.model == "vsc":
         options["prior_spike"] = args.prior_spike
     model = getattr(tl, args.model)(adata, **options)

@@ -35,7 +35,8 @@ class LatentModel:
         The genes the model was trained on, in order.
     config
         Keyword arguments of :class:`~scvae_tools.models.AutoencoderModule`
-        (``n_latent``, ``hidden``, ``beta``, ``prior_spike``, ``first_activation``).
+        (``n_latent``, ``hidden``, ``beta``, ``prior_spike``, ``first_activation``,
+        ``kl_warmup``).
     module
         The fitted module; a fresh one is built from ``config`` when None.
     """

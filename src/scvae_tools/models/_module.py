@@ -45,6 +45,9 @@ class AutoencoderModule(nn.Module):
         Prior probability of an active latent dimension (spike-and-slab only).
     first_activation
         Put a ReLU after the first layer. The write-up has none; kept off by default.
+    kl_warmup
+        Fraction of training, in ``[0, 1]``, over which the weight of the KL term rises
+        linearly from 0 to ``beta`` (:meth:`set_progress`); 0 applies ``beta`` throughout.
     """
 
     def __init__(
@@ -57,12 +60,15 @@ class AutoencoderModule(nn.Module):
         beta: float = 2.0,
         prior_spike: float = 0.5,
         first_activation: bool = False,
+        kl_warmup: float = 0.0,
     ):
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
         body = hidden[:-1] if len(hidden) > 1 else hidden
         head_widths = hidden[-1:] if len(hidden) > 1 else ()
         self.beta = float(beta)
+        self.kl_warmup = float(kl_warmup)
+        self.kl_weight = self.beta
         self.input_layer = InputLinear(n_genes, hidden[0])
         self.first_activation = nn.ReLU() if first_activation else nn.Identity()
         self.encoder_body = mlp(body, last_activation=True)
@@ -96,7 +102,8 @@ class AutoencoderModule(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Named terms of the objective, each averaged over the cells of the batch.
 
-        ``"loss"`` is ``reconstruction + beta * kl``; ``"kl"`` is the sum of the latent layer's
+        ``"loss"`` is ``reconstruction + kl_weight * kl`` (``kl_weight`` is ``beta`` once any
+        KL warm-up is over); ``"kl"`` is the sum of the latent layer's
         KL terms, which are reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC).
         """
         latent = self.inference(batch, generator)
@@ -105,7 +112,7 @@ class AutoencoderModule(nn.Module):
         total = recon
         if latent.kl:
             kl = torch.stack(list(latent.kl.values())).sum(0)
-            total = recon + self.beta * kl
+            total = recon + self.kl_weight * kl
             terms["kl"] = kl.mean()
             if len(latent.kl) > 1:
                 terms.update({name: value.mean() for name, value in latent.kl.items()})
@@ -122,5 +129,10 @@ class AutoencoderModule(nn.Module):
             self.train(was_training)
 
     def set_progress(self, fraction: float) -> None:
-        """Forwarded to the latent layer (the VSC warms its selection sharpness up)."""
+        """Set the KL weight for this point of training (``fraction`` from 0 to 1).
+
+        Also forwarded to the latent layer (the VSC warms its selection sharpness up).
+        """
+        if self.kl_warmup > 0:
+            self.kl_weight = self.beta * min(1.0, fraction / self.kl_warmup)
         self.latent.set_progress(fraction)
