@@ -211,7 +211,8 @@ class _OutputProducts(torch.autograd.Function):
         grad_weight = _transposed_matmul(ctx.transposed, grad_xw[:, :k])
         grad_weight.addmm_(weight, sym[:k, :k]).addr_(bias, sym[k, :k])
         grad_bias = ctx.transposed @ grad_xw[:, k].contiguous()
-        grad_bias.addmv_(weight, sym[:k, k]).add_(bias, alpha=float(sym[k, k]))
+        # bias * sym[k, k] as a tensor product: no host sync on a GPU.
+        grad_bias.addmv_(weight, sym[:k, k]).add_(bias * sym[k, k])
         return grad_weight, grad_bias, None
 
 
