@@ -68,7 +68,7 @@ class Batch:
 
     @property
     def n_values(self) -> int:
-        """Stored values: the non-zeros of a sparse batch, every entry of a dense one."""
+        """How many values the batch stores (its non-zeros if sparse, all entries if dense)."""
         return (self.values if self.dense is None else self.dense).numel()
 
     @property
@@ -251,7 +251,7 @@ def output_products(
 class OutputLinear(nn.Module):
     """The decoder's last layer, ``h -> W h + b``.
 
-    ``weight`` has shape ``(n_genes, n_hidden)`` as in :class:`torch.nn.Linear`, whose rows a
+    ``weight`` has shape ``(n_genes, n_hidden)`` as in ``torch.nn.Linear``, whose rows a
     sparse batch gathers, and ``bias`` ``(n_genes,)``. The loss works on ``[W b]`` and its Gram
     matrix (:func:`~scvae_tools.models.squared_error_gram`), which is exact and avoids the dense
     ``n_cells x n_genes`` output. Training never calls :meth:`forward`.
