@@ -102,9 +102,9 @@ class AutoencoderModule(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Named terms of the objective, each averaged over the cells of the batch.
 
-        ``"loss"`` is ``reconstruction + kl_weight * kl`` (``kl_weight`` is ``beta`` once any
-        KL warm-up is over); ``"kl"`` is the sum of the latent layer's
-        KL terms, which are reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC).
+        ``"loss"`` is ``reconstruction + kl_weight * kl``, where ``kl_weight`` is ``beta`` once
+        any KL warm-up is over; ``"kl"`` is the sum of the latent layer's KL terms, which are
+        reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC).
         """
         latent = self.inference(batch, generator)
         recon = self.reconstruction_loss(batch, self.generative(latent.z))
