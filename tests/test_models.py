@@ -37,7 +37,7 @@ def test_gram_reconstruction_equals_dense_squared_error(sparse):
     reference = squared_error(torch.from_numpy(dense), module.output_layer(h))
     torch.testing.assert_close(gram_loss, reference, rtol=1e-4, atol=1e-4)
     # The gradients are the same too, for the weights and for the hidden layer.
-    wrt = [h, module.output_layer.weight, module.output_layer.bias]
+    wrt = [h, module.output_layer.packed]
     grads = torch.autograd.grad(gram_loss.sum(), wrt)
     ref_grads = torch.autograd.grad(reference.sum(), wrt)
     for got, want in zip(grads, ref_grads, strict=True):
@@ -157,3 +157,4 @@ def test_architecture_follows_the_write_up():
     assert dec == [16, 32, 128]
     assert module.output_layer.weight.shape == (100, 128)
     assert module.output_layer.bias.shape == (100,)
+    assert module.output_layer.packed.shape == (100, 136)  # [W b], padded to a multiple of 8

@@ -97,6 +97,19 @@ def test_kl_warmup_weighs_the_kl_from_zero_up_to_beta(name):
     assert not np.allclose(adata.obsm[f"X_{name}"], adata.obsm["warm"])
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_output_layer_padding_stays_zero_through_training(sparse):
+    adata = log_adata(sparse=sparse)
+    layer = sv.tl.vsc(adata, return_model=True, **FAST).module.output_layer
+    torch.manual_seed(0)  # the initial weights of random_state=0
+    init = sv.models.AutoencoderModule(adata.n_vars, "spike_slab").output_layer
+    assert layer.packed.shape == (adata.n_vars, 136)
+    assert torch.count_nonzero(layer.packed[:, 129:]) == 0
+    # ... while W and b did train.
+    assert not torch.allclose(layer.weight, init.weight)
+    assert not torch.allclose(layer.bias, init.bias)
+
+
 def test_history_terms_per_model():
     adata = log_adata()
     for tool in TOOLS.values():

@@ -59,19 +59,21 @@ def squared_error_gram(
 
     :math:`x^\top \tilde{W}` costs one multiply per non-zero of a sparse :math:`x`, and the Gram
     matrix :math:`\tilde{W}^\top \tilde{W}` is computed once per minibatch, so the cost no longer
-    grows with ``n_cells x n_genes``. The value and its gradients are exact.
+    grows with ``n_cells x n_genes``. The value and its gradients are exact. Zero columns
+    appended to :math:`\tilde{W}`, with matching zeros in :math:`\tilde{h}`, change nothing
+    (:class:`~scvae_tools.models.OutputLinear` pads its width to a multiple of 8).
 
     Parameters
     ----------
     x_sq_norm
         :math:`\lVert x \rVert^2` per cell, shape ``(n_cells,)``.
     x_dot_weight
-        :math:`x^\top \tilde{W}`, shape ``(n_cells, n_hidden + 1)``.
+        :math:`x^\top \tilde{W}`, shape ``(n_cells, k)`` for a ``k``-column :math:`\tilde{W}`.
     h
-        :math:`\tilde{h}`, the last hidden layer with a trailing column of ones,
-        shape ``(n_cells, n_hidden + 1)``.
+        :math:`\tilde{h}`, the last hidden layer followed by a column of ones (and zeros for
+        any padding), shape ``(n_cells, k)``.
     gram
-        :math:`\tilde{W}^\top \tilde{W}`, shape ``(n_hidden + 1, n_hidden + 1)``.
+        :math:`\tilde{W}^\top \tilde{W}`, shape ``(k, k)``.
 
     Returns
     -------

@@ -93,9 +93,8 @@ class AutoencoderModule(nn.Module):
     def reconstruction_loss(self, batch: Batch, h: torch.Tensor) -> torch.Tensor:
         """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity."""
         layer = self.output_layer
-        h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
-        x_dot_weight, gram = output_products(batch, layer.weight, layer.bias)
-        return squared_error_gram(batch.sq_norm, x_dot_weight, h, gram)
+        x_dot_weight, gram = output_products(batch, layer.packed)
+        return squared_error_gram(batch.sq_norm, x_dot_weight, layer.augment(h), gram)
 
     def loss(
         self, batch: Batch, generator: torch.Generator | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,18 +74,6 @@ class Batch:
     def offsets(self) -> torch.Tensor | None:
         """Start of each cell in ``indices`` (``embedding_bag``'s offsets)."""
         return None if self.indptr is None else self.indptr[:-1]
-
-    def csr(self) -> torch.Tensor:
-        """A training batch as a torch CSR tensor, ``(n_cells, n_genes)``; shares its arrays."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
-            return torch.sparse_csr_tensor(
-                self.indptr,
-                self.indices,
-                self.values,
-                size=(self.n_cells, self.transposed.shape[0]),
-                check_invariants=False,
-            )
 
     def matmul(self, weight: torch.Tensor) -> torch.Tensor:
         """``x @ weight`` for a weight of shape ``(n_genes, k)``; returns ``(n_cells, k)``.
@@ -184,84 +171,87 @@ def gram(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _OutputProducts(torch.autograd.Function):
-    """``x @ [W b]`` (sparse training batch) and ``[W b].T @ [W b]``, differentiated together.
+    """``x @ weight`` (sparse training batch) and ``weight.T @ weight``, differentiated together.
 
-    Both products contribute to the gradients of the same ``n_genes``-row weight and bias;
-    computing each in one buffer (the sparse part, then ``addmm_`` of the Gram part) saves
-    allocating, writing and adding a second ``n_genes x k`` gradient every step. ``W`` and ``b``
-    are kept apart because the products with a ``k = 128`` weight run at full speed, whereas a
-    129-column augmented matrix (rows not a multiple of the vector width) takes 40 % longer.
+    Both products contribute to the gradient of the same ``n_genes``-row weight; computing it in
+    one buffer (the sparse part, then ``addmm_`` of the Gram part) saves allocating, writing and
+    adding a second ``n_genes x k`` gradient every step.
     """
 
     @staticmethod
-    def forward(ctx, weight, bias, batch):
-        ctx.save_for_backward(weight, bias)
-        ctx.transposed = batch.transposed
+    def forward(ctx, weight, indices, offsets, values, transposed):
+        ctx.save_for_backward(weight)
+        ctx.transposed = transposed
         x_dot_weight = F.embedding_bag(
-            batch.indices, weight, batch.offsets, mode="sum", per_sample_weights=batch.values
+            indices, weight, offsets, mode="sum", per_sample_weights=values
         )
-        x_dot_bias = batch.csr() @ bias
-        return torch.cat([x_dot_weight, x_dot_bias[:, None]], dim=1), _augmented_gram(weight, bias)
+        return x_dot_weight, weight.T @ weight
 
     @staticmethod
     def backward(ctx, grad_xw, grad_gram):
-        weight, bias = ctx.saved_tensors
-        k = weight.shape[1]
-        sym = grad_gram + grad_gram.T
-        grad_weight = _transposed_matmul(ctx.transposed, grad_xw[:, :k])
-        grad_weight.addmm_(weight, sym[:k, :k]).addr_(bias, sym[k, :k])
-        grad_bias = ctx.transposed @ grad_xw[:, k].contiguous()
-        # bias * sym[k, k] as a tensor product: no host sync on a GPU.
-        grad_bias.addmv_(weight, sym[:k, k]).add_(bias * sym[k, k])
-        return grad_weight, grad_bias, None
+        (weight,) = ctx.saved_tensors
+        grad = _transposed_matmul(ctx.transposed, grad_xw)
+        grad.addmm_(weight, grad_gram + grad_gram.T)
+        return grad, None, None, None, None
 
 
-def _augmented_gram(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``[W b].T @ [W b]`` from its blocks, shape ``(k + 1, k + 1)``."""
-    w_dot_b = (weight.T @ bias)[:, None]
-    top = torch.cat([weight.T @ weight, w_dot_b], dim=1)
-    bottom = torch.cat([w_dot_b.T, (bias @ bias).reshape(1, 1)], dim=1)
-    return torch.cat([top, bottom], dim=0)
-
-
-def output_products(
-    batch: Batch, weight: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x @ [W b], [W b].T @ [W b])``: what the Gram form of the squared error needs.
+def output_products(batch: Batch, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x @ weight, weight.T @ weight)``: what the Gram form of the squared error needs.
 
     Parameters
     ----------
     batch
         The minibatch ``x``, ``(n_cells, n_genes)``.
     weight
-        ``W``, shape ``(n_genes, k)``.
-    bias
-        ``b``, shape ``(n_genes,)``.
+        Shape ``(n_genes, k)``.
 
     Returns
     -------
-    Shapes ``(n_cells, k + 1)`` and ``(k + 1, k + 1)``.
+    Shapes ``(n_cells, k)`` and ``(k, k)``.
     """
     if batch.is_sparse and batch.transposed is not None and weight.requires_grad:
-        return _OutputProducts.apply(weight, bias, batch)
-    augmented = torch.cat([weight, bias[:, None]], dim=1)
-    return batch.matmul(augmented), gram(augmented)
+        return _OutputProducts.apply(
+            weight, batch.indices, batch.offsets, batch.values, batch.transposed
+        )
+    return batch.matmul(weight), gram(weight)
 
 
 class OutputLinear(nn.Module):
     """The decoder's last layer, ``h -> W h + b``.
 
-    ``weight`` has shape ``(n_genes, n_hidden)`` as in ``torch.nn.Linear``, whose rows a
-    sparse batch gathers, and ``bias`` ``(n_genes,)``. The loss works on ``[W b]`` and its Gram
-    matrix (:func:`~scvae_tools.models.squared_error_gram`), which is exact and avoids the dense
-    ``n_cells x n_genes`` output. Training never calls :meth:`forward`.
+    ``W`` (``n_genes x n_hidden``, as in ``torch.nn.Linear``) and ``b`` are stored side by side
+    in one parameter, ``packed``: ``[W b 0]``, with zero columns that round its width up to a
+    multiple of 8. The loss works on exactly this matrix and its Gram matrix
+    (:func:`~scvae_tools.models.squared_error_gram`), which is exact and avoids the dense
+    ``n_cells x n_genes`` output. The zero columns stay zero (their gradient is exactly zero,
+    and so is Adam's step); they are there because the matrix products with a 129-column
+    ``[W b]``, rows not a multiple of the vector width, take 40 % longer. Training never calls
+    :meth:`forward`.
     """
 
     def __init__(self, n_hidden: int, n_genes: int):
         super().__init__()
         layer = nn.Linear(n_hidden, n_genes)  # for PyTorch's default initialisation
-        self.weight = nn.Parameter(layer.weight.detach().clone())
-        self.bias = nn.Parameter(layer.bias.detach().clone())
+        packed = torch.zeros(n_genes, -(-(n_hidden + 1) // 8) * 8)
+        packed[:, :n_hidden] = layer.weight.detach()
+        packed[:, n_hidden] = layer.bias.detach()
+        self.packed = nn.Parameter(packed)
+        self.n_hidden = n_hidden
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W``, a view of shape ``(n_genes, n_hidden)``."""
+        return self.packed[:, : self.n_hidden]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """``b``, a view of shape ``(n_genes,)``."""
+        return self.packed[:, self.n_hidden]
+
+    def augment(self, h: torch.Tensor) -> torch.Tensor:
+        """``[h 1 0]``, shape ``(n_cells, packed width)``: ``packed @ [h 1 0] = W h + b``."""
+        n_pad = self.packed.shape[1] - self.n_hidden - 1
+        return torch.cat([h, h.new_ones(h.shape[0], 1), h.new_zeros(h.shape[0], n_pad)], dim=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Dense reconstruction, shape ``(n_cells, n_genes)``."""
