@@ -195,7 +195,7 @@ def to_batch(block: Any, *, for_training: bool = False) -> Batch:
             n_cells=block.shape[0],
             sq_norm=torch.from_numpy(_row_sq_norms(indptr, block.data)),
             indices=torch.from_numpy(indices),
-            indptr=torch.from_numpy(indptr),
+            offsets=torch.from_numpy(indptr[:-1]),
             values=torch.from_numpy(block.data),
             transposed=transposed,
         )

@@ -46,9 +46,9 @@ def _transposed_matmul(transposed: torch.Tensor, grad: torch.Tensor) -> torch.Te
 class Batch:
     r"""A minibatch of cells, either dense or in CSR form.
 
-    Sparse batches keep only the non-zeros: ``indices`` (gene of each non-zero), ``indptr``
-    (start of each cell in ``indices``, then their total) and ``values``, plus the transposed
-    batch as a torch CSR tensor (``transposed``, ``n_genes x n_cells``) for the backward pass.
+    Sparse batches keep only the non-zeros: ``indices`` (gene of each non-zero), ``offsets``
+    (start of each cell in ``indices``) and ``values``, plus the transposed batch as a torch CSR
+    tensor (``transposed``, ``n_genes x n_cells``) for the backward pass.
     ``sq_norm`` is :math:`\lVert x \rVert^2` per cell, which the reconstruction loss needs.
     """
 
@@ -56,7 +56,7 @@ class Batch:
     sq_norm: torch.Tensor
     dense: torch.Tensor | None = None
     indices: torch.Tensor | None = None
-    indptr: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
     values: torch.Tensor | None = None
     transposed: torch.Tensor | None = None
 
@@ -69,11 +69,6 @@ class Batch:
     def n_values(self) -> int:
         """How many values the batch stores (its non-zeros if sparse, all entries if dense)."""
         return (self.values if self.dense is None else self.dense).numel()
-
-    @property
-    def offsets(self) -> torch.Tensor | None:
-        """Start of each cell in ``indices`` (``embedding_bag``'s offsets)."""
-        return None if self.indptr is None else self.indptr[:-1]
 
     def matmul(self, weight: torch.Tensor) -> torch.Tensor:
         """``x @ weight`` for a weight of shape ``(n_genes, k)``; returns ``(n_cells, k)``.
@@ -102,7 +97,7 @@ class Batch:
             move(self.sq_norm),
             move(self.dense),
             move(self.indices),
-            move(self.indptr),
+            move(self.offsets),
             move(self.values),
             move(self.transposed),
         )
