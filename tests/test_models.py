@@ -44,6 +44,28 @@ def test_gram_reconstruction_equals_dense_squared_error(sparse):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_bfloat16_gram_products_agree_with_float32_to_bfloat16_rounding(sparse):
+    csr, dense = _sparse_block(seed=4, n_cells=64, n_genes=300)
+    torch.manual_seed(0)
+    module = AutoencoderModule(dense.shape[1], "deterministic", n_latent=3, hidden=(16, 8, 4))
+    h = torch.randn(dense.shape[0], 16, requires_grad=True)
+    batch = to_batch(csr if sparse else dense, for_training=True)
+    wrt = [h, module.output_layer.packed]
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        loss = module.reconstruction_loss(batch, h, dtype)
+        assert loss.dtype == torch.float32
+        results[dtype] = (loss, *torch.autograd.grad(loss.sum(), wrt))
+    for got, want in zip(results[torch.bfloat16], results[None], strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        # bfloat16 keeps 8 bits of mantissa: agreement to a few parts per thousand of the
+        # largest entry, not to float32's 1e-6.
+        scale = want.abs().max()
+        assert (got - want).abs().max() < 1e-2 * scale
+        assert not torch.equal(got, want)
+
+
 def test_sparse_first_layer_matches_dense_in_value_and_gradient():
     csr, dense = _sparse_block(seed=1)
     weight = torch.randn(dense.shape[1], 5, requires_grad=True)

@@ -97,6 +97,25 @@ def test_kl_warmup_weighs_the_kl_from_zero_up_to_beta(name):
     assert not np.allclose(adata.obsm[f"X_{name}"], adata.obsm["warm"])
 
 
+def test_bfloat16_precision_trains_like_float32_and_is_recorded(monkeypatch):
+    adata = log_adata()
+    sv.tl.vae(adata, **{**FAST, "epochs": 10})
+    sv.tl.vae(adata, precision="bfloat16", key_added="bf16", **{**FAST, "epochs": 10})
+    assert adata.uns["vae"]["params"]["precision"] == "float32"
+    assert adata.uns["bf16"]["params"]["precision"] == "bfloat16"
+    assert adata.obsm["bf16"].dtype == np.float32
+    # Only the rounding of the output layer's Gram products differs: the same run, closely.
+    full, low = adata.uns["vae"]["history"]["loss"], adata.uns["bf16"]["history"]["loss"]
+    np.testing.assert_allclose(low, full, rtol=1e-2)
+    assert not np.array_equal(low, full)
+    corr = np.corrcoef(adata.obsm["X_vae"].ravel(), adata.obsm["bf16"].ravel())[0, 1]
+    assert corr > 0.99
+    # Without native bfloat16 instructions the option is slower, and the user is told so.
+    monkeypatch.setattr(sv.tl._tools, "has_native_bfloat16", lambda device: False)
+    with pytest.warns(UserWarning, match="slower than 'float32'"):
+        sv.tl.ae(adata, precision="bfloat16", **FAST)
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_output_layer_padding_stays_zero_through_training(sparse):
     adata = log_adata(sparse=sparse)
@@ -282,6 +301,7 @@ def test_progress_bar_and_quiet(capfd):
         ({"first_activation": "yes"}, TypeError, "first_activation"),
         ({"kl_warmup": 1.5}, ValueError, "kl_warmup"),
         ({"kl_warmup": -0.1}, ValueError, "kl_warmup"),
+        ({"precision": "float16"}, ValueError, r"precision.*'float32', 'bfloat16'"),
     ],
 )
 def test_invalid_hyperparameters(options, error, match):
@@ -471,12 +491,14 @@ def test_cli_train_writes_the_latent_space_and_the_model(tmp_path, capsys):
     adata.write_h5ad(tmp_path / "in.h5ad")
     args = ["train", "vsc", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad")]
     args += ["--beta", "3", "--kl-warmup", "0.5", "--epochs", "2", "--quiet"]
+    args += ["--precision", "bfloat16"]
     assert main([*args, "--save-model", str(tmp_path / "m.pt")]) == 0
     assert "Wrote obsm['X_vsc']" in capsys.readouterr().out
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     assert out.obsm["X_vsc"].shape == (adata.n_obs, 6)
     params = out.uns["vsc"]["params"]
     assert (params["beta"], params["kl_warmup"], params["epochs"]) == (3.0, 0.5, 2)
+    assert params["precision"] == "bfloat16"
     model = sv.models.load(tmp_path / "m.pt")
     assert model.module.kl_warmup == 0.5
     np.testing.assert_allclose(model.encode(out), out.obsm["X_vsc"], rtol=1e-4, atol=1e-5)

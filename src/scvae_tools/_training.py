@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,7 +18,11 @@ from tqdm import tqdm
 from ._data import MinibatchLoader
 from .models._module import AutoencoderModule
 
-__all__ = ["TrainingDivergedError", "TrainingResult", "train"]
+__all__ = ["PRECISIONS", "Precision", "TrainingDivergedError", "TrainingResult", "train"]
+
+Precision = Literal["float32", "bfloat16"]
+#: Type of the output layer's Gram products for each ``precision`` (None: the weights' float32).
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -81,6 +86,7 @@ def train(
     epochs: int,
     lr: float,
     random_state: int,
+    precision: Precision = "float32",
     progress: bool = True,
     description: str = "training",
 ) -> TrainingResult:
@@ -88,6 +94,8 @@ def train(
 
     Randomness (minibatch order, latent samples) comes from generators seeded with
     ``random_state``; the global NumPy and torch states are neither used nor changed.
+    ``precision="bfloat16"`` computes the output layer's two Gram products in bfloat16
+    (:func:`~scvae_tools.models.AutoencoderModule.reconstruction_loss`); all else stays float32.
 
     Raises
     ------
@@ -95,6 +103,7 @@ def train(
         When an epoch's mean loss is not finite; names the epoch and suggests a lower ``lr``.
     """
     device = loader.device
+    gram_dtype = PRECISIONS[precision]
     rng = np.random.default_rng(random_state)
     generator = torch.Generator(device=device)
     generator.manual_seed(random_state)
@@ -110,7 +119,7 @@ def train(
             module.set_progress(epoch / max(epochs - 1, 1))
             totals: torch.Tensor | None = None
             for batch in loader.epoch(rng):
-                terms = module.loss(batch, generator)
+                terms = module.loss(batch, generator, gram_dtype)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimizer.step()

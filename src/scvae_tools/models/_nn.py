@@ -143,26 +143,36 @@ class InputLinear(nn.Module):
         return batch.matmul(self.weight) + self.bias
 
 
+def _low(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return weight if dtype is None or dtype == weight.dtype else weight.to(dtype)
+
+
 class _Gram(torch.autograd.Function):
     """``weight.T @ weight`` with its gradient in one matrix product, ``W (G + G^T)``.
 
     Autograd would differentiate both factors separately: two ``n_genes x k x k`` products.
+    With ``dtype`` (bfloat16), both products run in that type and return the weight's.
     """
 
     @staticmethod
-    def forward(ctx, weight):
-        ctx.save_for_backward(weight)
-        return weight.T @ weight
+    def forward(ctx, weight, dtype):
+        low = _low(weight, dtype)
+        ctx.save_for_backward(low)
+        return (low.T @ low).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return weight @ (grad + grad.T)
+        (low,) = ctx.saved_tensors
+        return (low @ (grad + grad.T).to(low.dtype)).to(grad.dtype), None
 
 
-def gram(weight: torch.Tensor) -> torch.Tensor:
-    """Gram matrix ``weight.T @ weight`` of a ``(n, k)`` weight; shape ``(k, k)``."""
-    return _Gram.apply(weight)
+def gram(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gram matrix ``weight.T @ weight`` of a ``(n, k)`` weight; shape ``(k, k)``.
+
+    ``dtype`` (e.g. ``torch.bfloat16``) is the type the product and its gradient are computed in;
+    None computes them in the weight's own type.
+    """
+    return _Gram.apply(weight, dtype)
 
 
 class _OutputProducts(torch.autograd.Function):
@@ -170,27 +180,35 @@ class _OutputProducts(torch.autograd.Function):
 
     Both products contribute to the gradient of the same ``n_genes``-row weight; computing it in
     one buffer (the sparse part, then ``addmm_`` of the Gram part) saves allocating, writing and
-    adding a second ``n_genes x k`` gradient every step.
+    adding a second ``n_genes x k`` gradient every step. With ``dtype``, the two Gram products
+    (``n_genes x k x k`` each, most of a step's arithmetic) run in that type.
     """
 
     @staticmethod
-    def forward(ctx, weight, indices, offsets, values, transposed):
-        ctx.save_for_backward(weight)
+    def forward(ctx, weight, indices, offsets, values, transposed, dtype):
+        low = _low(weight, dtype)
+        ctx.save_for_backward(low)
         ctx.transposed = transposed
         x_dot_weight = F.embedding_bag(
             indices, weight, offsets, mode="sum", per_sample_weights=values
         )
-        return x_dot_weight, weight.T @ weight
+        return x_dot_weight, (low.T @ low).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_xw, grad_gram):
-        (weight,) = ctx.saved_tensors
+        (low,) = ctx.saved_tensors
         grad = _transposed_matmul(ctx.transposed, grad_xw)
-        grad.addmm_(weight, grad_gram + grad_gram.T)
-        return grad, None, None, None, None
+        sym = grad_gram + grad_gram.T
+        if low.dtype == grad.dtype:
+            grad.addmm_(low, sym)
+        else:
+            grad += low @ sym.to(low.dtype)
+        return grad, None, None, None, None, None
 
 
-def output_products(batch: Batch, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def output_products(
+    batch: Batch, weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x @ weight, weight.T @ weight)``: what the Gram form of the squared error needs.
 
     Parameters
@@ -199,16 +217,20 @@ def output_products(batch: Batch, weight: torch.Tensor) -> tuple[torch.Tensor, t
         The minibatch ``x``, ``(n_cells, n_genes)``.
     weight
         Shape ``(n_genes, k)``.
+    dtype
+        Type in which the Gram matrix and its gradient are computed (``torch.bfloat16`` for
+        ``precision="bfloat16"``); None: the weight's own. ``x @ weight`` always keeps the
+        weight's type.
 
     Returns
     -------
-    Shapes ``(n_cells, k)`` and ``(k, k)``.
+    Shapes ``(n_cells, k)`` and ``(k, k)``, in the weight's type.
     """
     if batch.is_sparse and batch.transposed is not None and weight.requires_grad:
         return _OutputProducts.apply(
-            weight, batch.indices, batch.offsets, batch.values, batch.transposed
+            weight, batch.indices, batch.offsets, batch.values, batch.transposed, dtype
         )
-    return batch.matmul(weight), gram(weight)
+    return batch.matmul(weight), gram(weight, dtype)
 
 
 class OutputLinear(nn.Module):
