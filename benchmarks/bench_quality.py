@@ -9,6 +9,7 @@ the same run: PCA with 10 components on the 2,000 scaled HVGs (Seurat's own repr
     python benchmarks/bench_quality.py --data pbmc68k  # scanpy's bundled pbmc68k_reduced
     python benchmarks/bench_quality.py --set beta=1 --set n_latent=10   # other hyperparameters
     python benchmarks/bench_quality.py --ceiling       # + two reference representations
+    python benchmarks/bench_quality.py --scvi          # + scvi-tools' SCVI (the bench extra)
 
 --ceiling adds two representations that no model here learns, to show what the protocol
 rewards: the PCA baseline averaged over each cell's 15 nearest neighbours in it (graph
@@ -75,6 +76,33 @@ def noisy_labels(labels: pd.Series, sd: float = 0.2, seed: int = 0) -> np.ndarra
     return onehot + sd * np.random.default_rng(seed).standard_normal(onehot.shape)
 
 
+def scvi_latent(adata: sc.AnnData, epochs: int = 200) -> np.ndarray:
+    """scvi-tools' SCVI (6 latent dimensions, ZINB) on the 2,000 seurat_v3 HVGs of the counts."""
+    try:
+        import scvi
+    except ImportError:
+        sys.exit("--scvi needs scvi-tools: pip install -e '.[bench]'")
+    if "counts" not in adata.layers:
+        sys.exit("--scvi needs raw counts in adata.layers['counts'] (PBMC3k has them).")
+    scvi.settings.seed = 0
+    hv = adata.copy()
+    sc.pp.highly_variable_genes(hv, flavor="seurat_v3", n_top_genes=2000, layer="counts")
+    hv = hv[:, hv.var["highly_variable"]].copy()
+    scvi.model.SCVI.setup_anndata(hv, layer="counts")
+    model = scvi.model.SCVI(hv, n_latent=6)
+    model.train(
+        max_epochs=epochs,
+        batch_size=256,
+        train_size=1.0,
+        early_stopping=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+    )
+    return model.get_latent_representation()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("pbmc3k", "pbmc68k"), default="pbmc3k")
@@ -94,6 +122,9 @@ def main() -> None:
         help="also score the kNN-averaged PCA baseline and the noisy one-hot labels",
     )
     parser.add_argument(
+        "--scvi", action="store_true", help="also score scvi-tools' SCVI (needs the bench extra)"
+    )
+    parser.add_argument(
         "--figures", metavar="DIR", help="also save the metrics heatmap and t-SNE/k-means figure"
     )
     args = parser.parse_args()
@@ -111,6 +142,11 @@ def main() -> None:
         getattr(sv.tl, m)(adata, progress=False, **overrides)
         seconds[f"X_{m}"] = time.perf_counter() - t
         reps.append(f"X_{m}")
+    if args.scvi:
+        t = time.perf_counter()
+        adata.obsm["X_scvi"] = scvi_latent(adata)
+        seconds["X_scvi"] = time.perf_counter() - t
+        reps.append("X_scvi")
     if not args.no_pca or args.ceiling:
         adata.obsm["X_pca10"] = pca_baseline(adata, 10, args.data)
         reps.append("X_pca10")
