@@ -454,14 +454,14 @@ def compare_with_dense(
     for precision, runs in calls.items():
         per_epoch = [wall / epochs for wall, _ in runs]
         ratios = [d / o for d, o in zip(dense_rounds, per_epoch, strict=True)]
-        loop = statistics.median(loop / epochs for _, loop in runs)
+        loop_per_epoch = statistics.median(loop / epochs for _, loop in runs)
         fixed = statistics.median(wall - loop for wall, loop in runs)
         ours[precision] = Timing(
             tool if precision == "float32" else f"{tool} ({precision})",
             statistics.median(per_epoch),
-            fixed + EXTRAPOLATE_EPOCHS * loop,
+            fixed + EXTRAPOLATE_EPOCHS * loop_per_epoch,
             extra={
-                "loop": loop,
+                "loop": loop_per_epoch,
                 "dense_ratio": statistics.median(ratios),
                 "dense_ratio_range": (min(ratios), max(ratios)),
                 "precision": precision,
