@@ -890,7 +890,7 @@ memory the process already held and reuses is not counted. `dense / ours`: the m
 rounds of the round's dense epoch over the round's `s/epoch` of the tool, with the range over
 rounds in brackets; `SCVI-ZINB / ours`: SCVI-ZINB's per-epoch time over the tool's `s/epoch`
 (higher is better for us). The dense baseline of vsc is the same loop with the spike-and-slab
-latent. `(bfloat16)` rows: `precision="bfloat16"` (the output layer's Gram products in
+latent. `(bfloat16)` rows: `precision="bfloat16"` (the output layer's products in
 bfloat16), timed only on CPUs with native bfloat16. SCVI runs on the raw counts layer (both
 likelihoods), n_hidden 128, one hidden layer, its own defaults otherwise.
 """

@@ -45,7 +45,7 @@ def test_gram_reconstruction_equals_dense_squared_error(sparse):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_bfloat16_gram_products_agree_with_float32_to_bfloat16_rounding(sparse):
+def test_bfloat16_output_products_agree_with_float32_to_bfloat16_rounding(sparse):
     csr, dense = _sparse_block(seed=4, n_cells=64, n_genes=300)
     torch.manual_seed(0)
     module = AutoencoderModule(dense.shape[1], "deterministic", n_latent=3, hidden=(16, 8, 4))

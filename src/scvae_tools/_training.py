@@ -21,7 +21,7 @@ from .models._module import AutoencoderModule
 __all__ = ["PRECISIONS", "Precision", "TrainingDivergedError", "TrainingResult", "train"]
 
 Precision = Literal["float32", "bfloat16"]
-#: Type of the output layer's Gram products for each ``precision`` (None: the weights' float32).
+#: Type of the output layer's products for each ``precision`` (None: the weights' float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
 
@@ -94,7 +94,8 @@ def train(
 
     Randomness (minibatch order, latent samples) comes from generators seeded with
     ``random_state``; the global NumPy and torch states are neither used nor changed.
-    ``precision="bfloat16"`` computes the output layer's two Gram products in bfloat16
+    ``precision="bfloat16"`` computes the output layer's products (with the minibatch and its
+    Gram matrix) and their gradients in bfloat16
     (:func:`~scvae_tools.models.AutoencoderModule.reconstruction_loss`); all else stays float32.
 
     Raises
@@ -103,7 +104,7 @@ def train(
         When an epoch's mean loss is not finite; names the epoch and suggests a lower ``lr``.
     """
     device = loader.device
-    gram_dtype = PRECISIONS[precision]
+    dtype = PRECISIONS[precision]
     rng = np.random.default_rng(random_state)
     generator = torch.Generator(device=device)
     generator.manual_seed(random_state)
@@ -119,7 +120,7 @@ def train(
             module.set_progress(epoch / max(epochs - 1, 1))
             totals: torch.Tensor | None = None
             for batch in loader.epoch(rng):
-                terms = module.loss(batch, generator, gram_dtype)
+                terms = module.loss(batch, generator, dtype)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimizer.step()

@@ -30,7 +30,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="bfloat16: the output layer's Gram products in bfloat16, faster on CPUs with "
+        help="bfloat16: the output layer's products in bfloat16, faster on CPUs with "
         "AVX512-BF16 or AMX (float32)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -91,32 +91,33 @@ class AutoencoderModule(nn.Module):
         return self.output_layer(self.generative(z))
 
     def reconstruction_loss(
-        self, batch: Batch, h: torch.Tensor, gram_dtype: torch.dtype | None = None
+        self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity.
 
-        ``gram_dtype`` (``torch.bfloat16``) computes the output layer's Gram matrix and its
-        gradient in that type; None keeps the weights' float32.
+        ``dtype`` (``torch.bfloat16``) computes the output layer's Gram matrix and its
+        gradient in that type, and for sparse training batches its product with the batch too
+        (:func:`~scvae_tools.models.output_products`); None keeps the weights' float32.
         """
         layer = self.output_layer
-        x_dot_weight, gram = output_products(batch, layer.packed, gram_dtype)
+        x_dot_weight, gram = output_products(batch, layer.packed, dtype)
         return squared_error_gram(batch.sq_norm, x_dot_weight, layer.augment(h), gram)
 
     def loss(
         self,
         batch: Batch,
         generator: torch.Generator | None = None,
-        gram_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """Named terms of the objective, each averaged over the cells of the batch.
 
         ``"loss"`` is ``reconstruction + kl_weight * kl``, where ``kl_weight`` is ``beta`` once
         any KL warm-up is over; ``"kl"`` is the sum of the latent layer's KL terms, which are
-        reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC). ``gram_dtype``: see
+        reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC). ``dtype``: see
         :meth:`reconstruction_loss`.
         """
         latent = self.inference(batch, generator)
-        recon = self.reconstruction_loss(batch, self.generative(latent.z), gram_dtype)
+        recon = self.reconstruction_loss(batch, self.generative(latent.z), dtype)
         terms = {"reconstruction": recon.mean()}
         total = recon
         if latent.kl:

@@ -32,13 +32,16 @@ class _SparseMatmul(torch.autograd.Function):
 
 
 def _transposed_matmul(transposed: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``x.T @ grad`` from the transposed batch (CSR, ``n_genes x n_cells``), as a sum per gene."""
+    """``x.T @ grad`` from the transposed batch (CSR, ``n_genes x n_cells``), as a sum per gene.
+
+    Computed and returned in ``grad``'s type.
+    """
     return F.embedding_bag(
         transposed.col_indices(),
         grad.contiguous(),
         transposed.crow_indices()[:-1],
         mode="sum",
-        per_sample_weights=transposed.values(),
+        per_sample_weights=_low(transposed.values(), grad.dtype),
     )
 
 
@@ -180,8 +183,10 @@ class _OutputProducts(torch.autograd.Function):
 
     Both products contribute to the gradient of the same ``n_genes``-row weight; computing it in
     one buffer (the sparse part, then ``addmm_`` of the Gram part) saves allocating, writing and
-    adding a second ``n_genes x k`` gradient every step. With ``dtype``, the two Gram products
-    (``n_genes x k x k`` each, most of a step's arithmetic) run in that type.
+    adding a second ``n_genes x k`` gradient every step. With ``dtype`` (bfloat16), all four
+    products (two forward, two backward) run in that type, on one rounded copy of the weight,
+    and return the weight's type: the Gram products are most of a step's arithmetic, and the
+    sparse ones gather half the bytes.
     """
 
     @staticmethod
@@ -190,20 +195,16 @@ class _OutputProducts(torch.autograd.Function):
         ctx.save_for_backward(low)
         ctx.transposed = transposed
         x_dot_weight = F.embedding_bag(
-            indices, weight, offsets, mode="sum", per_sample_weights=values
+            indices, low, offsets, mode="sum", per_sample_weights=_low(values, low.dtype)
         )
-        return x_dot_weight, (low.T @ low).to(weight.dtype)
+        return x_dot_weight.to(weight.dtype), (low.T @ low).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_xw, grad_gram):
         (low,) = ctx.saved_tensors
-        grad = _transposed_matmul(ctx.transposed, grad_xw)
-        sym = grad_gram + grad_gram.T
-        if low.dtype == grad.dtype:
-            grad.addmm_(low, sym)
-        else:
-            grad += low @ sym.to(low.dtype)
-        return grad, None, None, None, None, None
+        grad = _transposed_matmul(ctx.transposed, _low(grad_xw, low.dtype))
+        grad.addmm_(low, _low(grad_gram + grad_gram.T, low.dtype))
+        return grad.to(grad_xw.dtype), None, None, None, None, None
 
 
 def output_products(
@@ -218,9 +219,9 @@ def output_products(
     weight
         Shape ``(n_genes, k)``.
     dtype
-        Type in which the Gram matrix and its gradient are computed (``torch.bfloat16`` for
-        ``precision="bfloat16"``); None: the weight's own. ``x @ weight`` always keeps the
-        weight's type.
+        Type in which both products and their gradients are computed (``torch.bfloat16`` for
+        ``precision="bfloat16"``) when ``batch`` is a sparse training batch, and the Gram
+        matrix otherwise; None: the weight's own.
 
     Returns
     -------
