@@ -188,13 +188,13 @@ _COMMON_DOC = """
     device
         ``"auto"`` (a GPU when torch sees one, else the CPU), ``"cpu"`` or ``"cuda"``.
     precision
-        ``"float32"``, or ``"bfloat16"`` to compute the output layer's products in bfloat16,
-        as :func:`torch.autocast` would: its Gram matrix and its product with the minibatch,
-        and their gradients (most of the arithmetic of a step). Weights, optimizer, the other
-        layers and the latent space written to ``obsm`` stay float32. On CPUs with native bfloat16
-        instructions (AVX512-BF16 or AMX) this is 15-25 % faster per epoch with ~14,000 genes
-        (little gain with 2,000); elsewhere it is slower, and a warning says so. On PBMC3k the
-        latent spaces score within the spread of training seeds of float32's, but not
+        ``"float32"``, or ``"bfloat16"`` to compute the output layer's products in bfloat16:
+        its Gram matrix and its product with the minibatch, and their gradients (most of the
+        arithmetic of a step). Weights, optimizer, the other layers and the latent space
+        written to ``obsm`` stay float32. On CPUs with native bfloat16 instructions
+        (AVX512-BF16 or AMX) this is 14-23 % faster per epoch with ~14,000 genes (a few per
+        cent with 2,000); elsewhere it is slower, and a warning says so. On PBMC3k the latent
+        spaces score as float32's do, within the spread of training seeds, but not
         bit-identically (see the benchmarks page of the documentation).
     key_added
         Write ``obsm[key_added]`` and ``uns[key_added]`` instead of the defaults.
