@@ -96,8 +96,8 @@ class AutoencoderModule(nn.Module):
         """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity.
 
         ``dtype`` (``torch.bfloat16``) computes the output layer's Gram matrix and its
-        gradient in that type, and for sparse training batches its product with the batch too
-        (:func:`~scvae_tools.models.output_products`); None keeps the weights' float32.
+        gradient in that type, and for sparse training batches its product with the batch
+        too; None keeps the weights' float32.
         """
         layer = self.output_layer
         x_dot_weight, gram = output_products(batch, layer.packed, dtype)
