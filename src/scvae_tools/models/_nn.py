@@ -12,6 +12,10 @@ from torch import nn
 __all__ = ["Batch", "InputLinear", "OutputLinear", "gram", "mlp", "output_products"]
 
 
+def _low(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return weight if dtype is None or dtype == weight.dtype else weight.to(dtype)
+
+
 class _SparseMatmul(torch.autograd.Function):
     """``x @ weight`` for a CSR ``x``, differentiable in ``weight`` only.
 
@@ -144,10 +148,6 @@ class InputLinear(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Shape ``(n_cells, n_out)``."""
         return batch.matmul(self.weight) + self.bias
-
-
-def _low(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return weight if dtype is None or dtype == weight.dtype else weight.to(dtype)
 
 
 class _Gram(torch.autograd.Function):
