@@ -5,8 +5,9 @@ Build (offline, warnings are errors)::
     sphinx-build -W --keep-going -b html docs docs/_build/html
 
 The build needs no network: there is no intersphinx and nothing is downloaded. The tutorial is
-executed on scanpy's bundled ``pbmc68k_reduced``. MathJax is loaded by the *browser* from its
-CDN; without network, formulas show as TeX source.
+executed on scanpy's bundled ``pbmc68k_reduced``. Reading needs none either: MathJax 3 (from
+the sphinx-mathjax-offline package) is copied into ``_build/html/_static/mathjax`` and loaded
+from there, so formulas render in a browser without a network.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx_autodoc_typehints",  # after napoleon
     "sphinx.ext.mathjax",
+    # Serves MathJax from _static instead of a CDN (sets mathjax_path, copies the files).
+    "sphinx-mathjax-offline",
 ]
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "jupyter_execute"]

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 import scvae_tools as sv
 from scvae_tools.pl._utils import _savefig_or_show
+from scvae_tools.tl._integration import SCIB_METRICS
 
 REPS = ("X_ae", "X_vae", "X_vsc")
 METRICS = (
@@ -46,6 +47,17 @@ def _summary(rng):
     return pd.DataFrame(rows)
 
 
+def _scib(rng, reps=(*REPS, "pca5", "pca10")):
+    table = pd.DataFrame(
+        rng.uniform(0.05, 0.95, (len(reps), 10)), index=list(reps), columns=SCIB_METRICS[:10]
+    )
+    table["bio_conservation"] = table.iloc[:, :5].mean(1)
+    table["batch_correction"] = table.iloc[:, 5:].mean(1)
+    table["total"] = 0.6 * table["bio_conservation"] + 0.4 * table["batch_correction"]
+    table.index.name = "rep"
+    return table
+
+
 def _history(rng, n_epochs, names, as_list=False):
     hist = {name: np.sort(rng.uniform(1, 50, n_epochs))[::-1].copy() for name in names}
     hist["loss"] = sum(hist.values()) + 1.0
@@ -70,6 +82,7 @@ def adata():
     a.uns["evaluate"] = {
         "summary": _summary(rng),
         "params": {"label_key": "cell_type", "reps": list(REPS), "n_seeds": 3, "perplexity": 30},
+        "scib": _scib(rng),
     }
     a.uns["ae"] = {"params": {"model": "ae"}, "history": _history(rng, 7, ["reconstruction"])}
     a.uns["vae"] = {
@@ -309,10 +322,65 @@ def test_spike_probabilities_errors(adata):
     assert plt.get_fignums() == []
 
 
+# integration_scores ----------------------------------------------------------------------------
+
+
+def test_integration_scores_rows_by_total_cells_and_bars(adata):
+    ax = sv.pl.integration_scores(adata, show=False)
+    assert isinstance(ax, Axes)
+    table = adata.uns["evaluate"]["scib"].sort_values("total", ascending=False)
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert rows == [r.removeprefix("X_") for r in table.index]
+    assert [t.get_text() for t in ax.get_xticklabels()][:2] == ["Isolated\nlabels", "KMeans\nNMI"]
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "Total"
+    # The ten metrics are coloured cells on [0, 1], in scIB's order.
+    image = ax.images[0]
+    assert image.get_clim() == (0.0, 1.0)
+    np.testing.assert_allclose(np.asarray(image.get_array()), table.iloc[:, :10].to_numpy())
+    # The three totals are bars as long as the score (0.9 of a cell for 1.0), each labelled.
+    widths = [p.get_width() for p in ax.patches]
+    np.testing.assert_allclose(widths, 0.9 * table.iloc[:, 10:].to_numpy().ravel())
+    texts = _texts(ax)
+    best = table.iloc[0]
+    assert texts[: len(best)] == [f"{v:.2f}" for v in best]
+    assert {"Bio conservation", "Batch correction", "Aggregate score"} <= set(texts)
+
+
+def test_integration_scores_from_a_benchmarker_table_keeps_order_and_shows_gaps():
+    rng = np.random.default_rng(1)
+    table = _scib(rng, reps=("X_scvi", "X_harmony"))[["ilisi", "kbet", "total"]]
+    table.loc["X_harmony", "kbet"] = np.nan
+    # scib-metrics' Benchmarker.get_results(): display names and a "Metric Type" row.
+    bench = table.rename(columns={"ilisi": "iLISI", "kbet": "KBET", "total": "Total"}).astype(
+        object
+    )
+    bench.loc["Metric Type"] = ["Batch correction", "Batch correction", "Aggregate score"]
+    _, ax = plt.subplots()
+    out = sv.pl.integration_scores(bench, sort=False, ax=ax, show=False)
+    assert out is ax
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["scvi", "harmony"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["iLISI", "KBET", "Total"]
+    texts = _texts(ax)
+    assert "n/a" in texts and "Bio conservation" not in texts
+    assert texts[:3] == [f"{v:.2f}" for v in table.loc["X_scvi"]]
+
+
+def test_integration_scores_errors_say_what_to_do(adata):
+    del adata.uns["evaluate"]["scib"]
+    with pytest.raises(KeyError, match=r"no integration scores: run sv.tl.evaluate\(adata, "):
+        sv.pl.integration_scores(adata)
+    with pytest.raises(KeyError, match="none of the scIB metrics"):
+        sv.pl.integration_scores(pd.DataFrame({"nmi": [0.5]}, index=["X_ae"]))
+    with pytest.raises(TypeError, match=r"AnnData on which sv\.tl\.evaluate ran with batch_key"):
+        sv.pl.integration_scores({"scib": 1})
+    assert plt.get_fignums() == []
+
+
 # show= / save= and the AnnData -----------------------------------------------------------------
 
 CALLS = {
     "metrics_heatmap": lambda a, **kw: sv.pl.metrics_heatmap(a, **kw),
+    "integration_scores": lambda a, **kw: sv.pl.integration_scores(a, **kw),
     "tsne_kmeans": lambda a, **kw: sv.pl.tsne_kmeans(a, "cell_type", **kw),
     "loss_curves": lambda a, **kw: sv.pl.loss_curves(a, **kw),
     "spike_probabilities": lambda a, **kw: sv.pl.spike_probabilities(a, groupby="cell_type", **kw),
@@ -328,7 +396,7 @@ def test_save_writes_at_scanpys_path_and_leaves_adata_unchanged(adata, name):
     out = CALLS[name](adata, save=True, show=False)
     path = sc.settings.figdir / f"{name}_v1.png"
     assert path.read_bytes()[:8] == PNG_MAGIC
-    assert isinstance(out, Axes if name == "metrics_heatmap" else Figure)
+    assert isinstance(out, Axes if name in ("metrics_heatmap", "integration_scores") else Figure)
     _assert_unchanged(adata, before)
 
 

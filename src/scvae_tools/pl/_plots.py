@@ -17,7 +17,13 @@ from matplotlib.figure import Figure
 
 from ._utils import _savefig_or_show
 
-__all__ = ["loss_curves", "metrics_heatmap", "spike_probabilities", "tsne_kmeans"]
+__all__ = [
+    "integration_scores",
+    "loss_curves",
+    "metrics_heatmap",
+    "spike_probabilities",
+    "tsne_kmeans",
+]
 
 _SUMMARY_COLUMNS = ("rep", "metric", "mean", "std")
 _NA_COLOR = "lightgray"
@@ -620,3 +626,183 @@ def spike_probabilities(
         fig.colorbar(image, ax=ax_heat, label="mean spike probability")
     shown = _savefig_or_show("spike_probabilities", show=show, save=save, fig=fig)
     return None if shown else fig
+
+
+def _scib_table(data: AnnData | pd.DataFrame, key: str) -> pd.DataFrame:
+    """The scIB scores as reps x metrics (our metric names), from evaluate or a DataFrame."""
+    from ..tl._integration import METRIC_NAMES, SCIB_METRICS
+
+    if isinstance(data, AnnData):
+        record = data.uns.get(key)
+        if not isinstance(record, dict) or "scib" not in record:
+            raise KeyError(
+                f"adata.uns[{key!r}] holds no integration scores: run "
+                "sv.tl.evaluate(adata, label_key, batch_key=...) first (or pass key= if it "
+                f"was run with key_added=). uns keys: {sorted(data.uns)}."
+            )
+        table = record["scib"]
+        if not isinstance(table, pd.DataFrame):
+            table = pd.DataFrame(table)
+    elif isinstance(data, pd.DataFrame):
+        table = data
+    else:
+        raise TypeError(
+            "`data` must be an AnnData on which sv.tl.evaluate ran with batch_key, or a "
+            f"DataFrame of scores (methods x metrics), got {type(data).__name__}."
+        )
+    # scib-metrics' Benchmarker names ("iLISI", "Total") are accepted too, and its
+    # "Metric Type" row is dropped.
+    by_display = {v: k for k, v in METRIC_NAMES.items()}
+    table = table.rename(columns=by_display)
+    table = table.loc[[i for i in table.index if str(i) != "Metric Type"]]
+    metrics = [m for m in SCIB_METRICS if m in table.columns]
+    if not metrics:
+        raise KeyError(
+            f"The table has none of the scIB metrics {list(SCIB_METRICS)}; its columns are "
+            f"{list(table.columns)}."
+        )
+    if table.empty:
+        raise ValueError("The table of integration scores has no rows.")
+    return table[metrics].astype(float)
+
+
+def integration_scores(
+    data: AnnData | pd.DataFrame,
+    *,
+    key: str = "evaluate",
+    sort: bool = True,
+    cmap: str | Colormap = "viridis",
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: bool | str | None = None,
+) -> Axes | None:
+    """The scIB integration scores as a table: methods x metrics, with the totals as bars.
+
+    The figure of scIB (Luecken et al. 2022) and of scib-metrics' ``Benchmarker``: one row
+    per representation (labelled without the ``X_`` prefix), best ``total`` on top; the bio
+    conservation metrics, then the batch correction metrics as coloured cells with their
+    values, then the three totals (``bio_conservation``, ``batch_correction``, ``total`` =
+    0.6 bio + 0.4 batch) as bars whose length is the score. The colour scale is fixed to
+    [0, 1], so figures of different runs compare.
+
+    Parameters
+    ----------
+    data
+        An AnnData on which :func:`scvae_tools.tl.evaluate` ran with ``batch_key``
+        (``uns[key]["scib"]`` is read), or a DataFrame of scores with one row per method and
+        one column per metric: evaluate's names (``"ilisi"``, ``"total"``) or scib-metrics'
+        (``"iLISI"``, ``"Total"``; the output of ``Benchmarker.get_results()`` works as it is).
+        Metrics that are missing are left out.
+    key
+        ``uns`` key that evaluate wrote (its ``key_added``; default ``"evaluate"``).
+    sort
+        Order the rows by ``total``, best first (default True); False keeps the table's order.
+    cmap
+        Colour map of the cells and bars (default ``"viridis"``).
+    ax
+        Axes to draw into; default a new figure.
+    show
+        Show the figure; default ``sc.settings.autoshow``.
+    save
+        ``True`` writes ``sc.settings.figdir / "integration_scores{plot_suffix}.{ext}"`` with
+        ``ext = sc.settings.file_format_figs``; a string such as ``"_pbmc.png"`` is appended to
+        the name and its extension sets the format. Default ``sc.settings.autosave``.
+
+    Returns
+    -------
+    The table's :class:`~matplotlib.axes.Axes` if the figure is not shown, else None.
+
+    Raises
+    ------
+    KeyError
+        ``uns[key]`` holds no integration scores (run ``sv.tl.evaluate`` with ``batch_key``
+        first), or the DataFrame has none of the metrics.
+    """
+    from ..tl._integration import AGGREGATES, BATCH_METRICS, BIO_METRICS, METRIC_NAMES
+
+    table = _scib_table(data, key)
+    if sort and "total" in table.columns:
+        table = table.sort_values("total", ascending=False, kind="stable")
+    cmap = plt.get_cmap(cmap) if isinstance(cmap, str) else cmap
+    metrics = list(table.columns)
+    cells = [m for m in metrics if m not in AGGREGATES]
+    bars = [m for m in metrics if m in AGGREGATES]
+    n_rows, n_cols = len(table), len(metrics)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.95 * n_cols + 2.0, 0.42 * n_rows + 1.6))
+    else:
+        fig = ax.figure
+    values = table.to_numpy()
+    ax.imshow(
+        np.ma.masked_invalid(values[:, : len(cells)]) if cells else np.zeros((n_rows, 0)),
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+        extent=(-0.5, len(cells) - 0.5, n_rows - 0.5, -0.5),
+    )
+    ax.grid(False)
+    for i in range(n_rows):
+        for j, metric in enumerate(metrics):
+            value = values[i, j]
+            finite = math.isfinite(value)
+            if metric in AGGREGATES:
+                if finite:
+                    width = 0.9 * min(max(value, 0.0), 1.0)
+                    ax.add_patch(
+                        plt.Rectangle(
+                            (j - 0.45, i - 0.35), width, 0.7, color=cmap(value), linewidth=0
+                        )
+                    )
+                ax.text(
+                    j - 0.4,
+                    i,
+                    f"{value:.2f}" if finite else "n/a",
+                    ha="left",
+                    va="center",
+                    fontsize="small",
+                    color=_text_color(cmap, value) if finite and value > 0.25 else "black",
+                )
+            else:
+                color = _text_color(cmap, value) if finite else "black"
+                text = f"{value:.2f}" if finite else "n/a"
+                ax.text(j, i, text, ha="center", va="center", color=color, fontsize="small")
+    ax.set_xlim(-0.5, n_cols - 0.5)
+    ax.set_ylim(n_rows - 0.5, -0.5)
+    ax.set_xticks(
+        range(n_cols),
+        [METRIC_NAMES[m].replace(" ", "\n", 1) for m in metrics],
+        rotation=0,
+        fontsize="small",
+    )
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(n_rows), [_rep_name(str(r)) for r in table.index])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    groups = [
+        ("Bio conservation", [m for m in metrics if m in BIO_METRICS]),
+        ("Batch correction", [m for m in metrics if m in BATCH_METRICS]),
+        ("Aggregate score", bars),
+    ]
+    start = 0
+    for title, members in groups:
+        if not members:
+            continue
+        stop = start + len(members)
+        if start > 0:
+            ax.axvline(start - 0.5, color="black", linewidth=1)
+        ax.annotate(
+            title,
+            xy=((start + stop - 1) / 2, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(0, 34),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontweight="bold",
+        )
+        start = stop
+    fig.tight_layout()
+    shown = _savefig_or_show("integration_scores", show=show, save=save, fig=fig)
+    return None if shown else ax

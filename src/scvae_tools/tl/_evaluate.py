@@ -21,13 +21,19 @@ from sklearn.metrics import (
 from sklearn.neighbors import NearestNeighbors
 from tqdm.auto import tqdm
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
+from .._data import get_matrix
+from ._integration import SCIB_METRICS, require_scib, scib_scores
 
 __all__ = ["PROTOCOL_METRICS", "evaluate", "tsne3d"]
 
 #: The write-up's metrics, computed on k-means of the 2-D t-SNE.
 PROTOCOL_METRICS = ("nmi", "ari", "homogeneity", "completeness")
 _LATENT_METRICS = ("latent_nmi", "latent_ari", "knn_purity", "silhouette")
+#: Dimensions of the PCA reference besides those of the latent spaces.
+_PCA_REFERENCE_DIMS = 10
+#: Components of the unintegrated PCA that PCR comparison measures against (scanpy's default).
+_PCA_PRE_DIMS = 50
 
 
 def _rep_name(rep: str) -> str:
@@ -100,11 +106,58 @@ def _knn_purity(x: np.ndarray, labels: np.ndarray, n_neighbors: int) -> float:
     return float((labels[idx[:, 1:]] == labels[:, None]).mean())
 
 
+def _looks_like_counts(X: Any) -> bool:
+    values = X.data if hasattr(X, "data") and not isinstance(X, np.ndarray) else np.asarray(X)
+    values = np.asarray(values)
+    return values.size > 0 and bool(np.all(values >= 0) and np.all(np.mod(values, 1) == 0))
+
+
+def _model_layer(adata: AnnData, reps: Sequence[str]) -> str | None:
+    """The layer the models behind ``reps`` trained on, when their records agree on one."""
+    layers = set()
+    for rep in reps:
+        record = adata.uns.get(rep, adata.uns.get(_rep_name(rep)))
+        params = record.get("params") if isinstance(record, dict) else None
+        if isinstance(params, dict) and "layer" in params and "model" in params:
+            layers.add(str(params["layer"]))
+    if len(layers) == 1:
+        (layer,) = layers
+        return None if layer == "X" or layer not in adata.layers else layer
+    return None
+
+
+def _pca_of_input(
+    adata: AnnData, reps: Sequence[str], n_comps: int, random_state: int
+) -> tuple[np.ndarray, str]:
+    """PCA of the matrix the models trained on; counts are log-normalised first.
+
+    Returns the ``(n_obs, n_comps)`` coordinates and a description of the input.
+    """
+    import scanpy as sc
+
+    layer = _model_layer(adata, reps)
+    X = get_matrix(adata, layer)
+    name = "X" if layer is None else f"layers[{layer!r}]"
+    if hasattr(X, "to_memory"):  # backed
+        X = X.to_memory()
+    if _looks_like_counts(X):
+        # PCA of raw counts is nobody's baseline: the scanpy/Seurat recipe comes first.
+        tmp = AnnData(X.astype(np.float32, copy=True))
+        sc.pp.normalize_total(tmp, target_sum=1e4)
+        sc.pp.log1p(tmp)
+        X, name = tmp.X, f"{name} (normalize_total 1e4, log1p)"
+    coords = sc.pp.pca(X, n_comps=n_comps, random_state=random_state)
+    return np.asarray(coords, dtype=np.float64), name
+
+
 def evaluate(
     adata: AnnData,
     label_key: str,
     reps: Sequence[str] = ("X_ae", "X_vae", "X_vsc"),
     *,
+    batch_key: str | None = None,
+    pca: bool = True,
+    protocol: bool = True,
     n_seeds: int = 5,
     perplexity: float = 40.0,
     n_init: int = 100,
@@ -113,7 +166,7 @@ def evaluate(
     key_added: str = "evaluate",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Score latent spaces against labels with the write-up's protocol, over several seeds.
+    """Score latent spaces against labels with the write-up's protocol, and across batches.
 
     For each representation and each seed: a 2-D t-SNE (perplexity 40, random initialisation,
     learning rate 200: scikit-learn's t-SNE as the write-up ran it),
@@ -125,6 +178,23 @@ def evaluate(
     nearest neighbours in the latent that share its label (``knn_purity``), and the silhouette
     of the labels in the latent (``silhouette``; the last two are deterministic, std 0).
 
+    **Reference rows.** With ``pca=True`` (the default) the PCA of the models' own input is
+    scored beside them, as ``pca{n}``: with as many components as each latent space has, and
+    with 10. The input is the layer the models behind ``reps`` were trained on, when their
+    ``uns`` records agree on one, else ``X``; raw counts are log-normalised first
+    (``normalize_total`` to 10,000, ``log1p``), since that is the PCA a scanpy user would run.
+
+    **Integration metrics.** With ``batch_key``, every representation is also scored by the
+    scIB metrics (Luecken et al. 2022), computed by scib-metrics (``pip install
+    "scvae-tools[metrics]"``): bio conservation (``isolated_labels``, ``kmeans_nmi``,
+    ``kmeans_ari``, ``silhouette_label``, ``clisi``) and batch correction
+    (``silhouette_batch``, ``ilisi``, ``kbet``, ``graph_connectivity``, ``pcr_comparison``,
+    the last against the 50-component PCA of the input above), each in [0, 1], higher better;
+    and scIB's totals: ``bio_conservation`` and ``batch_correction`` (the mean of each group)
+    and ``total`` = 0.6 bio + 0.4 batch, as scib-metrics' ``Benchmarker`` computes them on
+    unscaled scores (``min_max_scale=False``: a score does not depend on which other
+    representations are compared). They are deterministic and computed once.
+
     Parameters
     ----------
     adata
@@ -134,6 +204,15 @@ def evaluate(
         cell needs one.
     reps
         Keys of ``adata.obsm`` to score. Default ``("X_ae", "X_vae", "X_vsc")``.
+    batch_key
+        Column of ``adata.obs`` with the batch (sample, donor, protocol) of each cell, at least
+        two batches and no missing values: adds the scIB metrics. Default None (none).
+    pca
+        Score the PCA reference rows. Default True. A reference whose name (``pca10``) is
+        already among ``reps`` is not added again.
+    protocol
+        Run the t-SNE + k-means protocol and the metrics beside it. ``False`` computes only the
+        scIB metrics (needs ``batch_key``), which is much faster on large data. Default True.
     n_seeds
         Repeats of t-SNE + k-means. Default 5.
     perplexity
@@ -143,7 +222,7 @@ def evaluate(
     n_neighbors
         Neighbours for ``knn_purity``. Default 15.
     random_state
-        First seed; seed ``i`` is ``random_state + i``. Default 0.
+        First seed; seed ``i`` is ``random_state + i``; also the seed of the PCA. Default 0.
     key_added
         Key in ``adata.uns`` for the results. Default ``"evaluate"``.
     progress
@@ -152,32 +231,45 @@ def evaluate(
     Returns
     -------
     The summary, a tidy :class:`pandas.DataFrame` with one row per representation and metric:
-    columns ``rep``, ``metric``, ``mean``, ``std`` (population standard deviation over seeds) and
-    ``n_seeds``. Also written to ``adata``:
+    columns ``rep``, ``metric``, ``mean``, ``std`` (population standard deviation over seeds;
+    NaN for the scIB metrics, computed once) and ``n_seeds`` (1 for the scIB metrics). The
+    representations come in the order of ``reps``, then the PCA references. Also written to
+    ``adata``:
 
     ``adata.uns[key_added]`` : :class:`dict`
-        ``summary`` (the returned frame), ``runs`` (one row per representation, seed and metric:
-        ``rep``, ``seed``, ``metric``, ``value``) and ``params``.
+        ``summary`` (the returned frame), ``runs`` (one row per representation, seed and
+        protocol metric: ``rep``, ``seed``, ``metric``, ``value``; empty with
+        ``protocol=False``), ``params``, and with ``batch_key`` ``scib``: the scIB metrics
+        and totals as a wide :class:`pandas.DataFrame`, one row per representation, one
+        column per metric (the scIB metrics above, then the three totals).
     ``adata.obsm["X_tsne_{name}"]`` : :class:`numpy.ndarray` ``(n_obs, 2)``, float32
         The first seed's t-SNE of each representation, ``name`` being the key without its
-        ``X_`` prefix (``X_vsc`` gives ``X_tsne_vsc``: ``sc.pl.embedding(adata, "tsne_vsc")``).
+        ``X_`` prefix (``X_vsc`` gives ``X_tsne_vsc``: ``sc.pl.embedding(adata, "tsne_vsc")``;
+        the reference ``pca10`` gives ``X_tsne_pca10``). Not with ``protocol=False``.
     ``adata.obs["kmeans_{name}"]`` : categorical
-        The first seed's k-means partition of that t-SNE.
+        The first seed's k-means partition of that t-SNE. Not with ``protocol=False``.
 
     Raises
     ------
     KeyError
-        ``label_key`` not in ``adata.obs``, or a representation not in ``adata.obsm``.
+        ``label_key`` or ``batch_key`` not in ``adata.obs``, or a representation not in
+        ``adata.obsm``.
     ValueError
-        Missing labels, fewer than two label classes, non-finite representations, invalid
-        ``n_seeds``, ``n_init``, ``n_neighbors`` or ``perplexity``.
+        Missing labels or batches, fewer than two label classes or batches, non-finite
+        representations, invalid ``n_seeds``, ``n_init``, ``n_neighbors`` or ``perplexity``,
+        ``protocol=False`` without ``batch_key``.
     TypeError
         ``n_seeds``, ``n_init`` or ``n_neighbors`` not an integer, ``perplexity`` not a number.
+    ImportError
+        ``batch_key`` is given but scib-metrics is not installed (``pip install
+        "scvae-tools[metrics]"``).
 
     Examples
     --------
     >>> sv.tl.evaluate(adata, "bulk_labels", n_seeds=3)  # doctest: +SKIP
     >>> sv.pl.metrics_heatmap(adata)  # doctest: +SKIP
+    >>> sv.tl.evaluate(adata, "cell_type", batch_key="sample")  # doctest: +SKIP
+    >>> sv.pl.integration_scores(adata)  # doctest: +SKIP
     """
     if adata.n_obs < 3:
         raise ValueError(f"evaluate needs at least 3 cells, got {adata.n_obs}.")
@@ -195,6 +287,17 @@ def evaluate(
     n_classes = int(labels.max()) + 1
     if n_classes < 2:
         raise ValueError(f"obs[{label_key!r}] has a single class; scores need at least two.")
+    pca = check_bool("pca", pca)
+    protocol = check_bool("protocol", protocol)
+    batches = None
+    if batch_key is not None:
+        batches = _batch_codes(adata, batch_key)
+        require_scib()  # before any work: the missing extra is the first thing to hear of
+    elif not protocol:
+        raise ValueError(
+            "protocol=False leaves nothing to compute without batch_key; pass batch_key= for "
+            "the scIB metrics, or keep protocol=True."
+        )
     if isinstance(reps, str):
         reps = (reps,)
     reps = tuple(reps)
@@ -203,52 +306,113 @@ def evaluate(
     n_seeds = check_int("n_seeds", n_seeds)
     n_init = check_int("n_init", n_init)
     n_neighbors = check_int("n_neighbors", n_neighbors)
-    perplexity = _check_perplexity(perplexity, adata.n_obs)
+    random_state = check_int("random_state", random_state, minimum=0)
+    if protocol:
+        perplexity = _check_perplexity(perplexity, adata.n_obs)
     latents = {rep: _representation(adata, rep) for rep in reps}
+
+    references: list[str] = []
+    pca_input = None
+    x_pre = None
+    if pca or batches is not None:
+        n_max = min(adata.n_obs, adata.n_vars) - 1
+        dims = sorted({x.shape[1] for x in latents.values()} | {_PCA_REFERENCE_DIMS})
+        dims = [d for d in dims if d <= n_max]
+        n_comps = max([*dims, min(_PCA_PRE_DIMS, n_max)])
+        if n_comps < 1:
+            raise ValueError(
+                f"The PCA reference needs at least 2 cells and 2 variables, got "
+                f"{adata.n_obs} x {adata.n_vars}; pass pca=False."
+            )
+        coords, pca_input = _pca_of_input(adata, reps, n_comps, random_state)
+        x_pre = coords[:, : min(_PCA_PRE_DIMS, n_comps)]
+        if pca:
+            taken = {_rep_name(rep) for rep in reps}
+            for d in dims:
+                if f"pca{d}" not in taken:
+                    latents[f"pca{d}"] = np.ascontiguousarray(coords[:, :d])
+                    references.append(f"pca{d}")
 
     runs: list[dict[str, Any]] = []
     first: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    bar = tqdm(total=len(reps) * n_seeds, desc="evaluate", disable=not progress)
+    scib: dict[str, dict[str, float]] = {}
+    steps = len(latents) * ((n_seeds if protocol else 0) + (batches is not None))
+    bar = tqdm(total=steps, desc="evaluate", disable=not progress)
     try:
         for rep, x in latents.items():
-            purity = _knn_purity(x, labels, n_neighbors)
-            silhouette = float(silhouette_score(x, labels)) if len(x) > n_classes else np.nan
-            for i in range(n_seeds):
-                seed = random_state + i
-                bar.set_postfix_str(f"{rep}, seed {seed}")
-                emb = _tsne(x, 2, perplexity, seed)
-                km = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed)
-                clusters = km.fit_predict(emb)
-                scores = _partition_scores(labels, clusters)
-                latent_km = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed)
-                latent_clusters = latent_km.fit_predict(x)
-                scores["latent_nmi"] = normalized_mutual_info_score(labels, latent_clusters)
-                scores["latent_ari"] = adjusted_rand_score(labels, latent_clusters)
-                scores["knn_purity"] = purity
-                scores["silhouette"] = silhouette
-                runs += [
-                    {"rep": rep, "seed": seed, "metric": m, "value": float(v)}
-                    for m, v in scores.items()
-                ]
-                if i == 0:
-                    first[rep] = (emb.astype(np.float32), clusters)
+            if protocol:
+                runs += _protocol_runs(
+                    rep,
+                    x,
+                    labels,
+                    n_classes,
+                    n_seeds=n_seeds,
+                    perplexity=perplexity,
+                    n_init=n_init,
+                    n_neighbors=n_neighbors,
+                    random_state=random_state,
+                    first=first,
+                    bar=bar,
+                )
+            if batches is not None:
+                bar.set_postfix_str(f"{rep}, scIB metrics")
+                scib[rep] = scib_scores(x, labels, batches, x_pre)
                 bar.update()
     finally:
         bar.close()
 
-    runs_df = pd.DataFrame(runs)
-    order = list(PROTOCOL_METRICS + _LATENT_METRICS)
-    summary = (
-        runs_df.groupby(["rep", "metric"], sort=False)["value"]
-        .agg(mean="mean", std=lambda v: float(np.std(v)), n_seeds="size")
-        .reset_index()
-    )
+    order = list(PROTOCOL_METRICS + _LATENT_METRICS + SCIB_METRICS)
+    runs_df = pd.DataFrame(runs, columns=["rep", "seed", "metric", "value"])
+    parts = []
+    if runs:
+        parts.append(
+            runs_df.groupby(["rep", "metric"], sort=False)["value"]
+            .agg(mean="mean", std=lambda v: float(np.std(v)), n_seeds="size")
+            .reset_index()
+        )
+    if scib:
+        parts.append(
+            pd.DataFrame(
+                [
+                    {"rep": rep, "metric": m, "mean": v, "std": np.nan, "n_seeds": 1}
+                    for rep, scores in scib.items()
+                    for m, v in scores.items()
+                ]
+            )
+        )
+    summary = pd.concat(parts, ignore_index=True)
     summary["metric"] = pd.Categorical(summary["metric"], categories=order, ordered=True)
-    summary["rep"] = pd.Categorical(summary["rep"], categories=list(reps), ordered=True)
+    summary["rep"] = pd.Categorical(summary["rep"], categories=list(latents), ordered=True)
     summary = summary.sort_values(["rep", "metric"]).reset_index(drop=True)
     summary["rep"] = summary["rep"].astype(str)
     summary["metric"] = summary["metric"].astype(str)
     summary["n_seeds"] = summary["n_seeds"].astype(int)
+    summary["std"] = summary["std"].astype(float)
+
+    params: dict[str, Any] = {
+        "label_key": label_key,
+        "reps": list(reps),
+        "pca": pca,
+        "protocol": protocol,
+        "n_seeds": int(n_seeds),
+        "n_init": int(n_init),
+        "n_neighbors": int(n_neighbors),
+        "random_state": int(random_state),
+        "n_clusters": n_classes,
+    }
+    if protocol:
+        params["perplexity"] = perplexity
+    if references:
+        params["references"] = references
+    if pca_input is not None:
+        params["pca_input"] = pca_input
+    if batch_key is not None:  # h5ad cannot store None
+        params["batch_key"] = batch_key
+    record: dict[str, Any] = {"summary": summary, "runs": runs_df, "params": params}
+    if scib:
+        table = pd.DataFrame.from_dict(scib, orient="index")[list(SCIB_METRICS)]
+        table.index.name = "rep"
+        record["scib"] = table
 
     # Everything is computed; only now is the AnnData touched.
     for rep, (emb, clusters) in first.items():
@@ -257,21 +421,70 @@ def evaluate(
         adata.obs[f"kmeans_{name}"] = pd.Categorical(
             clusters.astype(str), categories=[str(c) for c in range(n_classes)]
         )
-    adata.uns[key_added] = {
-        "summary": summary,
-        "runs": runs_df,
-        "params": {
-            "label_key": label_key,
-            "reps": list(reps),
-            "n_seeds": int(n_seeds),
-            "perplexity": perplexity,
-            "n_init": int(n_init),
-            "n_neighbors": int(n_neighbors),
-            "random_state": int(random_state),
-            "n_clusters": n_classes,
-        },
-    }
+    adata.uns[key_added] = record
     return summary
+
+
+def _batch_codes(adata: AnnData, batch_key: str) -> np.ndarray:
+    if not isinstance(batch_key, str):
+        raise TypeError(f"`batch_key` must be a column name of adata.obs, got {batch_key!r}.")
+    if batch_key not in adata.obs:
+        raise KeyError(
+            f"adata.obs has no batch column {batch_key!r}; present: {list(adata.obs.columns)}."
+        )
+    raw = adata.obs[batch_key]
+    if raw.isna().any():
+        raise ValueError(
+            f"{int(raw.isna().sum())} cells have no {batch_key!r} batch; fill them in or subset "
+            f"to the cells with one (adata[adata.obs[{batch_key!r}].notna()])."
+        )
+    codes = pd.factorize(raw.astype(str))[0]
+    if codes.max() < 1:
+        raise ValueError(
+            f"obs[{batch_key!r}] holds a single batch ({raw.iloc[0]!r}); the integration "
+            "metrics need at least two. Leave batch_key=None for one sample."
+        )
+    return codes
+
+
+def _protocol_runs(
+    rep: str,
+    x: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    *,
+    n_seeds: int,
+    perplexity: float,
+    n_init: int,
+    n_neighbors: int,
+    random_state: int,
+    first: dict[str, tuple[np.ndarray, np.ndarray]],
+    bar: Any,
+) -> list[dict[str, Any]]:
+    """The t-SNE + k-means protocol and the metrics beside it, over seeds, for one rep."""
+    runs = []
+    purity = _knn_purity(x, labels, n_neighbors)
+    silhouette = float(silhouette_score(x, labels)) if len(x) > n_classes else np.nan
+    for i in range(n_seeds):
+        seed = random_state + i
+        bar.set_postfix_str(f"{rep}, seed {seed}")
+        emb = _tsne(x, 2, perplexity, seed)
+        km = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed)
+        clusters = km.fit_predict(emb)
+        scores = _partition_scores(labels, clusters)
+        latent_km = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed)
+        latent_clusters = latent_km.fit_predict(x)
+        scores["latent_nmi"] = normalized_mutual_info_score(labels, latent_clusters)
+        scores["latent_ari"] = adjusted_rand_score(labels, latent_clusters)
+        scores["knn_purity"] = purity
+        scores["silhouette"] = silhouette
+        runs += [
+            {"rep": rep, "seed": seed, "metric": m, "value": float(v)} for m, v in scores.items()
+        ]
+        if i == 0:
+            first[rep] = (emb.astype(np.float32), clusters)
+        bar.update()
+    return runs
 
 
 def tsne3d(
