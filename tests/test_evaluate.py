@@ -360,7 +360,8 @@ def test_reproduce_cli_on_bundled_data_writes_report_csv_and_figures(tmp_path, c
     assert metrics["mean"].between(-1, 1).all()
     report = (out / "report.md").read_text()
     assert "bulk_labels" in report and "3 epochs" in report
-    for rep in ("X_ae", "X_vae", "X_vsc"):
+    assert "PCA of the same input" in report
+    for rep in ("X_ae", "X_vae", "X_vsc", "pca6", "pca10"):
         nmi = metrics.query("rep == @rep and metric == 'nmi'")["mean"].iloc[0]
         assert f"| {rep} | {nmi:.3f} ±" in report
     for name in ("metrics_heatmap", "tsne_kmeans", "tsne3d", "loss_curves", "vsc_spike"):

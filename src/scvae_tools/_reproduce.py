@@ -188,7 +188,9 @@ def reproduce(
     summary.to_csv(out / "metrics.csv", index=False)
 
     figures = {
-        "metrics_heatmap.png": "Scores of the t-SNE + k-means partitions (mean ± std over seeds)",
+        "metrics_heatmap.png": (
+            "Scores of the t-SNE + k-means partitions (mean ± std over seeds), PCA beside"
+        ),
         "tsne_kmeans.png": "t-SNE coloured by the labels (left) and by the k-means partition",
         "tsne3d.png": "3-D t-SNE of each latent space",
         "loss_curves.png": "Training loss per epoch and its terms",
@@ -222,7 +224,8 @@ def reproduce(
         f"`{label_key}` ({adata.obs[label_key].nunique()} classes). {epochs} epochs per model, "
         f"default hyperparameters, random_state {random_state}. Protocol: t-SNE (perplexity 40) "
         f"of each latent space, k-means (k = number of classes, n_init = 100) on it; mean ± std "
-        f"over {n_seeds} seeds.",
+        f"over {n_seeds} seeds. The `pca` rows score the PCA of the same input (as many "
+        "components as the latent spaces, and 10): the baseline every latent space should beat.",
         "",
         "## Scores of the t-SNE + k-means partition",
         "",
