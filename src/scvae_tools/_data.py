@@ -12,13 +12,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
 from .models._nn import Batch
 
-__all__ = ["MinibatchLoader", "get_matrix", "iter_row_blocks", "validate_matrix"]
+__all__ = [
+    "MinibatchLoader",
+    "batch_covariates",
+    "get_matrix",
+    "iter_row_blocks",
+    "validate_matrix",
+]
 
 #: Rows read at a time when a whole matrix is scanned (validation, encoding).
 _BLOCK_ROWS = 8192
@@ -79,6 +86,64 @@ def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
     return adata.X
 
 
+def batch_covariates(
+    adata: AnnData, batch_key: str, categories: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """The one-hot batch of each cell, from the categorical column ``adata.obs[batch_key]``.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of shape ``(n_obs, n_vars)``.
+    batch_key
+        Column of ``adata.obs``; its values are compared as strings.
+    categories
+        The known batches (those of a fitted model), in order; None takes the column's own
+        (sorted, only those present).
+
+    Returns
+    -------
+    The one-hot matrix, float32 ``(n_obs, n_batches)``, and the categories.
+
+    Raises
+    ------
+    KeyError
+        ``batch_key`` is not a column of ``adata.obs``.
+    ValueError
+        The column has missing values, or values not among ``categories``.
+    """
+    if not isinstance(batch_key, str) or not batch_key:
+        raise TypeError(f"`batch_key` must be a column name (a string), got {batch_key!r}.")
+    if batch_key not in adata.obs.columns:
+        present = ", ".join(repr(c) for c in adata.obs.columns[:20]) or "none"
+        raise KeyError(
+            f"batch_key={batch_key!r} is not a column of adata.obs (columns: {present}). Add "
+            "the batch of each cell there, or pass the name of the column that holds it."
+        )
+    column = adata.obs[batch_key]
+    missing = column.isna().to_numpy()
+    if missing.any():
+        cells = ", ".join(map(str, adata.obs_names[missing][:3]))
+        raise ValueError(
+            f"adata.obs[{batch_key!r}] has {int(missing.sum())} missing value(s) (e.g. cells "
+            f"{cells}); every cell needs a batch. Fill them in, or subset to cells with one."
+        )
+    values = column.astype(str).to_numpy()
+    if categories is None:
+        categories = sorted(set(values))
+    codes = pd.Index(categories).get_indexer(values)
+    if (codes < 0).any():
+        unknown = sorted(set(values[codes < 0]))
+        raise ValueError(
+            f"adata.obs[{batch_key!r}] has batch(es) the model was not trained on: "
+            f"{unknown[:10]} (known: {categories}). Encode only cells of known batches, or "
+            "train on all batches."
+        )
+    onehot = np.zeros((len(values), len(categories)), dtype=np.float32)
+    onehot[np.arange(len(values)), codes] = 1.0
+    return onehot, list(categories)
+
+
 def _is_backed_sparse(X: Any) -> bool:
     return hasattr(X, "format") and hasattr(X, "group") and not sp.issparse(X)
 
@@ -104,14 +169,18 @@ def iter_row_blocks(X: Any, block_rows: int = _BLOCK_ROWS) -> Iterator[Any]:
             yield np.asarray(X[start:stop])
 
 
-def validate_matrix(X: Any, *, name: str = "adata.X") -> None:
+def validate_matrix(X: Any, *, name: str = "adata.X", counts_for: str | None = None) -> None:
     """Raise if ``X`` holds NaN or infinite values; scans it block by block.
 
     Also warns once when the values look like raw counts, which the squared-error models are not
-    meant for.
+    meant for. With ``counts_for`` (the name of a count likelihood), raises instead unless
+    every value is a non-negative integer, and does not warn.
     """
     if len(X.shape) != 2:
         raise ValueError(f"{name} must be 2-D (cells x genes), got shape {X.shape}.")
+    if counts_for is not None:
+        _validate_counts(X, name, counts_for)
+        return
     bad = 0
     looks_like_counts = True
     max_value = 0.0
@@ -148,6 +217,36 @@ def validate_matrix(X: Any, *, name: str = "adata.X") -> None:
             "pass a normalised `layer=`.",
             UserWarning,
             stacklevel=3,
+        )
+
+
+def _validate_counts(X: Any, name: str, likelihood: str) -> None:
+    problems = {"NaN or infinite": 0, "negative": 0, "non-integer": 0}
+    example = None
+    for block in iter_row_blocks(X):
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        if values.dtype.kind not in "biuf":
+            raise TypeError(
+                f"{name} has dtype {values.dtype}; a numeric matrix of counts is needed."
+            )
+        if values.dtype.kind == "f":
+            finite = np.isfinite(values)
+            problems["NaN or infinite"] += int(values.size - np.count_nonzero(finite))
+            fractional = finite & (values != np.round(values))
+            problems["non-integer"] += int(np.count_nonzero(fractional))
+            if example is None and fractional.any():
+                example = float(values[fractional][0])
+        negative = values < 0
+        problems["negative"] += int(np.count_nonzero(negative))
+        if example is None and negative.any():
+            example = float(values[negative][0])
+    found = [f"{n} {kind}" for kind, n in problems.items() if n]
+    if found:
+        seen = f" (e.g. {example:g})" if example is not None else ""
+        raise ValueError(
+            f"likelihood={likelihood!r} models raw counts, but {name} holds "
+            f"{', '.join(found)} value(s){seen}: it does not look like counts. Pass the raw "
+            "counts, e.g. `layer='counts'`, or use likelihood='gaussian' for log-normalised data."
         )
 
 
@@ -216,12 +315,22 @@ class MinibatchLoader:
         Cells per minibatch; the last one may be smaller.
     device
         Where batches are sent.
+    covariates
+        Per-cell covariates (the one-hot batch), shape ``(n_cells, n_covariates)``, sliced with
+        the rows into each :class:`~scvae_tools.models.Batch`; None for none.
     """
 
-    def __init__(self, X: Any, batch_size: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        X: Any,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        covariates: np.ndarray | None = None,
+    ):
         if sp.issparse(X) and X.format != "csr":
             X = sp.csr_matrix(X)
         self.X = X
+        self.covariates = None if covariates is None else np.asarray(covariates, np.float32)
         self.n_cells = X.shape[0]
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -237,7 +346,8 @@ class MinibatchLoader:
         for start in range(0, self.n_cells, self.batch_size):
             # Sorted rows read faster from CSR and from disk; order within a batch is irrelevant.
             rows = np.sort(order[start : start + self.batch_size])
-            batch = to_batch(_take_rows(self.X, rows), for_training=True).to(self.device)
+            batch = to_batch(_take_rows(self.X, rows), for_training=True)
+            batch = self._with_covariates(batch, rows).to(self.device)
             ready.append(batch)
             held += batch.n_values
             if held >= _CUT_AHEAD_VALUES:
@@ -247,5 +357,13 @@ class MinibatchLoader:
 
     def sequential(self, block_rows: int = 4096) -> Iterator[Batch]:
         """All cells in their order, for encoding."""
-        for block in iter_row_blocks(self.X, block_rows):
-            yield to_batch(block).to(self.device)
+        for start, block in zip(
+            range(0, self.n_cells, block_rows), iter_row_blocks(self.X, block_rows), strict=True
+        ):
+            rows = np.arange(start, start + block.shape[0])
+            yield self._with_covariates(to_batch(block), rows).to(self.device)
+
+    def _with_covariates(self, batch: Batch, rows: np.ndarray) -> Batch:
+        if self.covariates is not None:
+            batch.covariates = torch.from_numpy(self.covariates[rows])
+        return batch

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .._data import MinibatchLoader, get_matrix, validate_matrix
+from .._data import MinibatchLoader, batch_covariates, get_matrix, validate_matrix
+from ._likelihood import LIKELIHOODS
 from ._module import AutoencoderModule, LatentType
 
 __all__ = ["MODEL_LATENT", "LatentModel", "ModelKind", "load"]
@@ -21,7 +22,7 @@ MODEL_LATENT: dict[str, LatentType] = {
     "vae": "gaussian",
     "vsc": "spike_slab",
 }
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 class LatentModel:
@@ -36,9 +37,13 @@ class LatentModel:
     config
         Keyword arguments of :class:`~scvae_tools.models.AutoencoderModule`
         (``n_latent``, ``hidden``, ``beta``, ``prior_spike``, ``first_activation``,
-        ``kl_warmup``).
+        ``kl_warmup``, ``likelihood``), except ``n_batches``.
     module
         The fitted module; a fresh one is built from ``config`` when None.
+    batch_key
+        The ``obs`` column of the batches the decoder is conditioned on; None for none.
+    batch_categories
+        The batches, in the order of the one-hot columns.
     """
 
     def __init__(
@@ -47,19 +52,34 @@ class LatentModel:
         var_names: Sequence[str],
         config: dict[str, Any],
         module: AutoencoderModule | None = None,
+        *,
+        batch_key: str | None = None,
+        batch_categories: Sequence[str] = (),
     ):
         self.kind: ModelKind = kind
         self.var_names = [str(v) for v in var_names]
         self.config = dict(config)
+        self.batch_key = batch_key
+        self.batch_categories = [str(c) for c in batch_categories]
         self.module = module or AutoencoderModule(
-            len(self.var_names), MODEL_LATENT[kind], **self.config
+            len(self.var_names),
+            MODEL_LATENT[kind],
+            n_batches=len(self.batch_categories),
+            **self.config,
         )
 
     def __repr__(self) -> str:
+        batches = f", batch_key={self.batch_key!r}" if self.batch_key else ""
         return (
             f"LatentModel(kind={self.kind!r}, n_genes={self.n_genes}, "
-            f"n_latent={self.n_latent}, hidden={tuple(self.config['hidden'])})"
+            f"n_latent={self.n_latent}, hidden={tuple(self.config['hidden'])}, "
+            f"likelihood={self.likelihood!r}{batches})"
         )
+
+    @property
+    def likelihood(self) -> str:
+        """``"gaussian"``, ``"nb"``, ``"zinb"`` or ``"poisson"``."""
+        return self.config.get("likelihood", "gaussian")
 
     @property
     def n_genes(self) -> int:
@@ -107,6 +127,7 @@ class LatentModel:
         data: AnnData | Any,
         *,
         layer: str | None = None,
+        batch_key: str | None = None,
         batch_size: int = 4096,
         return_spike: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -116,9 +137,14 @@ class LatentModel:
         ----------
         data
             AnnData with the training genes in the training order, or a dense or sparse matrix of
-            shape ``(n_cells, n_genes)``.
+            shape ``(n_cells, n_genes)``. For a count likelihood, raw counts (as in training).
         layer
             Layer of an AnnData to encode; None for ``X``.
+        batch_key
+            For a model trained with a ``batch_key``: the ``obs`` column of an AnnData that
+            holds each cell's batch; None uses the model's own :attr:`batch_key`. Every batch
+            must be one the model was trained on. (The encoder itself is not conditioned on
+            the batch, so a matrix is encoded without one.)
         batch_size
             Cells encoded at a time.
         return_spike
@@ -132,14 +158,27 @@ class LatentModel:
         if return_spike and self.kind != "vsc":
             raise ValueError("`return_spike=True` needs a VSC model; this one is " + self.kind)
         X = self._matrix(data, layer)
-        validate_matrix(X, name="the input")
-        return self._encode_matrix(X, batch_size=batch_size, return_spike=return_spike)
+        counts_for = self.likelihood if LIKELIHOODS[self.likelihood].counts else None
+        validate_matrix(X, name="the input", counts_for=counts_for)
+        covariates = None
+        if self.batch_categories and isinstance(data, AnnData):
+            covariates, _ = batch_covariates(
+                data, batch_key or self.batch_key, self.batch_categories
+            )
+        return self._encode_matrix(
+            X, batch_size=batch_size, return_spike=return_spike, covariates=covariates
+        )
 
     def _encode_matrix(
-        self, X: Any, *, batch_size: int = 4096, return_spike: bool = False
+        self,
+        X: Any,
+        *,
+        batch_size: int = 4096,
+        return_spike: bool = False,
+        covariates: np.ndarray | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """:meth:`encode` for a matrix already checked (the tools validate before training)."""
-        loader = MinibatchLoader(X, batch_size, device=self.device)
+        loader = MinibatchLoader(X, batch_size, device=self.device, covariates=covariates)
         means, spikes = [], []
         for batch in loader.sequential(batch_size):
             out = self.module.encode(batch)
@@ -159,6 +198,8 @@ class LatentModel:
             "kind": self.kind,
             "var_names": self.var_names,
             "config": {**self.config, "hidden": list(self.config["hidden"])},
+            "batch_key": self.batch_key,
+            "batch_categories": self.batch_categories,
             "state_dict": state,
         }
         torch.save(payload, os.fspath(path))
@@ -179,9 +220,22 @@ def load(path: str | os.PathLike, device: str = "cpu") -> LatentModel:
     The model, in evaluation mode.
     """
     payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if payload.get("format_version") != _FORMAT_VERSION:
+    version = payload.get("format_version")
+    if version not in (1, _FORMAT_VERSION):
         raise ValueError(f"{path} is not a scvae-tools model file (or from a newer version).")
-    model = LatentModel(payload["kind"], payload["var_names"], payload["config"])
-    model.module.load_state_dict(payload["state_dict"])
+    state = payload["state_dict"]
+    if version == 1:
+        # Version 1 had the output layer on the module itself (Gaussian only, no batches).
+        state = {
+            (f"likelihood.{k}" if k.startswith("output_layer.") else k): v for k, v in state.items()
+        }
+    model = LatentModel(
+        payload["kind"],
+        payload["var_names"],
+        payload["config"],
+        batch_key=payload.get("batch_key"),
+        batch_categories=payload.get("batch_categories", ()),
+    )
+    model.module.load_state_dict(state)
     model.module.to(device).eval()
     return model

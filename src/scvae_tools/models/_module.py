@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ._latent import DeterministicLatent, GaussianLatent, LatentOutput, SpikeSlabLatent
-from ._losses import squared_error_gram
-from ._nn import Batch, InputLinear, OutputLinear, mlp, output_products
+from ._likelihood import LIKELIHOODS, Likelihood, LikelihoodName
+from ._nn import Batch, ConditionalMLP, InputLinear, mlp
 
 __all__ = ["LATENT_TYPES", "AutoencoderModule", "LatentType"]
 
@@ -27,7 +27,9 @@ class AutoencoderModule(nn.Module):
 
     With ``hidden=(128, 32, 16)`` the encoder is ``n_genes -> 128`` (linear, no activation, as
     written), ``-> 32`` (ReLU), then one ``32 -> 16 -> n_latent`` head per latent parameter; the
-    decoder is ``n_latent -> 16 -> 32 -> 128`` (ReLU) ``-> n_genes`` (linear).
+    decoder is ``n_latent -> 16 -> 32 -> 128`` (ReLU) ``-> n_genes``, whose last layer and loss
+    are the ``likelihood``'s (:mod:`~scvae_tools.models` ``LIKELIHOODS``). With ``n_batches``,
+    the one-hot batch is concatenated to the input of every decoder layer (as scVI).
 
     Parameters
     ----------
@@ -48,6 +50,11 @@ class AutoencoderModule(nn.Module):
     kl_warmup
         Fraction of training, in ``[0, 1]``, over which the weight of the KL term rises
         linearly from 0 to ``beta`` (:meth:`set_progress`); 0 applies ``beta`` throughout.
+    likelihood
+        ``"gaussian"`` (squared error, for log-normalised data), ``"nb"``, ``"zinb"`` or
+        ``"poisson"`` (raw counts).
+    n_batches
+        Number of batch categories whose one-hot conditions the decoder; 0 for none.
     """
 
     def __init__(
@@ -61,6 +68,8 @@ class AutoencoderModule(nn.Module):
         prior_spike: float = 0.5,
         first_activation: bool = False,
         kl_warmup: float = 0.0,
+        likelihood: LikelihoodName = "gaussian",
+        n_batches: int = 0,
     ):
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
@@ -74,34 +83,51 @@ class AutoencoderModule(nn.Module):
         self.encoder_body = mlp(body, last_activation=True)
         kwargs = {"prior_spike": prior_spike} if latent == "spike_slab" else {}
         self.latent = LATENT_TYPES[latent](body[-1], head_widths, n_latent, **kwargs)
-        self.decoder_body = mlp([n_latent, *reversed(hidden)], last_activation=True)
-        self.output_layer = OutputLinear(hidden[0], n_genes)
+        self.decoder_body = ConditionalMLP([n_latent, *reversed(hidden)], n_batches)
+        self.likelihood: Likelihood = LIKELIHOODS[likelihood](hidden[0], n_genes, n_batches)
+
+    @property
+    def output_layer(self) -> torch.nn.Module:
+        """The decoder's last layer (the likelihood's; the mean's for count likelihoods)."""
+        return self.likelihood.output_layer
 
     def inference(self, batch: Batch, generator: torch.Generator | None = None) -> LatentOutput:
         """Encode a batch: the posterior (or code) of each cell."""
-        h = self.encoder_body(self.first_activation(self.input_layer(batch)))
+        x = self.likelihood.encoder_input(batch)
+        h = self.encoder_body(self.first_activation(self.input_layer(x)))
         return self.latent(h, generator)
 
-    def generative(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode codes of shape ``(n_cells, n_latent)`` to the last hidden layer."""
-        return self.decoder_body(z)
+    def generative(self, z: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode codes of shape ``(n_cells, n_latent)`` to the last hidden layer.
 
-    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
-        """Dense reconstruction of shape ``(n_cells, n_genes)``."""
-        return self.output_layer(self.generative(z))
+        ``covariates``: the one-hot batch, ``(n_cells, n_batches)``, when the model has any.
+        """
+        return self.decoder_body(z, covariates)
+
+    def reconstruct(
+        self,
+        z: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Dense reconstruction (the likelihood's mean), shape ``(n_cells, n_genes)``.
+
+        ``library``: each cell's library size, ``(n_cells,)``, for count likelihoods.
+        """
+        return self.likelihood.mean(self.generative(z, covariates), covariates, library)
 
     def reconstruction_loss(
         self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """Summed squared error of each cell, shape ``(n_cells,)``, via the Gram identity.
+        """Reconstruction term of each cell, shape ``(n_cells,)``: the likelihood's loss.
 
-        ``dtype`` (``torch.bfloat16``) computes the output layer's Gram matrix and its
-        gradient in that type, and for sparse training batches its product with the batch
-        too; None keeps the weights' float32.
+        The summed squared error via the Gram identity (Gaussian), or the negative
+        log-likelihood of the counts summed over genes. ``dtype`` (``torch.bfloat16``)
+        computes the output layer's products and their gradients in that type (for the
+        Gaussian: its Gram matrix, and its product with sparse training batches); None keeps
+        the weights' float32.
         """
-        layer = self.output_layer
-        x_dot_weight, gram = output_products(batch, layer.packed, dtype)
-        return squared_error_gram(batch.sq_norm, x_dot_weight, layer.augment(h), gram)
+        return self.likelihood(batch, h, dtype)
 
     def loss(
         self,
@@ -111,13 +137,15 @@ class AutoencoderModule(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Named terms of the objective, each averaged over the cells of the batch.
 
-        ``"loss"`` is ``reconstruction + kl_weight * kl``, where ``kl_weight`` is ``beta`` once
-        any KL warm-up is over; ``"kl"`` is the sum of the latent layer's KL terms, which are
-        reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC). ``dtype``: see
-        :meth:`reconstruction_loss`.
+        ``"reconstruction"`` is the likelihood's loss (squared error, or the negative
+        log-likelihood of the counts); ``"loss"`` is ``reconstruction + kl_weight * kl``, where
+        ``kl_weight`` is ``beta`` once any KL warm-up is over; ``"kl"`` is the sum of the latent
+        layer's KL terms, which are reported too (``"kl_slab"``, ``"kl_spike"`` for the VSC).
+        ``dtype``: see :meth:`reconstruction_loss`.
         """
         latent = self.inference(batch, generator)
-        recon = self.reconstruction_loss(batch, self.generative(latent.z), dtype)
+        h = self.generative(latent.z, batch.covariates)
+        recon = self.reconstruction_loss(batch, h, dtype)
         terms = {"reconstruction": recon.mean()}
         total = recon
         if latent.kl:

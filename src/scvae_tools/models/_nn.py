@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Batch", "InputLinear", "OutputLinear", "gram", "mlp", "output_products"]
+__all__ = [
+    "Batch",
+    "ConditionalMLP",
+    "InputLinear",
+    "OutputLinear",
+    "gram",
+    "mlp",
+    "output_products",
+]
 
 
 def _low(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -57,6 +66,8 @@ class Batch:
     (start of each cell in ``indices``) and ``values``, plus the transposed batch as a torch CSR
     tensor (``transposed``, ``n_genes x n_cells``) for the backward pass.
     ``sq_norm`` is :math:`\lVert x \rVert^2` per cell, which the reconstruction loss needs.
+    ``covariates`` is the one-hot batch of each cell, shape ``(n_cells, n_batches)``, or None
+    when the model has no ``batch_key``.
     """
 
     n_cells: int
@@ -66,6 +77,7 @@ class Batch:
     offsets: torch.Tensor | None = None
     values: torch.Tensor | None = None
     transposed: torch.Tensor | None = None
+    covariates: torch.Tensor | None = None
 
     @property
     def is_sparse(self) -> bool:
@@ -76,6 +88,42 @@ class Batch:
     def n_values(self) -> int:
         """How many values the batch stores (its non-zeros if sparse, all entries if dense)."""
         return (self.values if self.dense is None else self.dense).numel()
+
+    def rows(self) -> torch.Tensor:
+        """The cell of each stored non-zero of a sparse batch, shape ``(n_values,)``."""
+        counts = torch.diff(
+            self.offsets, append=self.offsets.new_tensor([self.values.numel()])
+        ).long()
+        return torch.repeat_interleave(
+            torch.arange(self.n_cells, device=self.values.device), counts
+        )
+
+    def row_sums(self) -> torch.Tensor:
+        r""":math:`\sum_g x_g` per cell, shape ``(n_cells,)``."""
+        if self.dense is not None:
+            return self.dense.sum(1)
+        return self.values.new_zeros(self.n_cells).index_add_(0, self.rows(), self.values)
+
+    def map_values(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The batch with ``fn`` applied to every value; ``fn(0)`` must be 0.
+
+        The sparsity pattern, and for training batches the transposed batch's, are shared, so
+        this costs one pass over the stored values. ``sq_norm`` is not recomputed (None).
+        """
+        if self.dense is not None:
+            return replace(self, dense=fn(self.dense), sq_norm=None)
+        transposed = self.transposed
+        if transposed is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+                transposed = torch.sparse_csr_tensor(
+                    transposed.crow_indices(),
+                    transposed.col_indices(),
+                    fn(transposed.values()),
+                    size=transposed.shape,
+                    check_invariants=False,
+                )
+        return replace(self, values=fn(self.values), transposed=transposed, sq_norm=None)
 
     def matmul(self, weight: torch.Tensor) -> torch.Tensor:
         """``x @ weight`` for a weight of shape ``(n_genes, k)``; returns ``(n_cells, k)``.
@@ -107,6 +155,7 @@ class Batch:
             move(self.offsets),
             move(self.values),
             move(self.transposed),
+            move(self.covariates),
         )
 
 
@@ -131,6 +180,42 @@ def mlp(sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
         if i < n_layers - 1 or last_activation:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class ConditionalMLP(nn.Sequential):
+    """:func:`mlp` whose every linear layer also sees covariates (the one-hot batch), as scVI.
+
+    ``[h, c]`` is fed to each linear layer, so the layers are ``nn.Linear(width + n_covariates,
+    next_width)``. With ``n_covariates=0`` the layers, their initialisation and their
+    parameter names are exactly those of :func:`mlp`.
+
+    Parameters
+    ----------
+    sizes
+        Widths ``(in, h1, ..., out)``, not counting the covariates.
+    n_covariates
+        Width of the covariates concatenated to each layer's input.
+    last_activation
+        Whether a ReLU follows the last layer too.
+    """
+
+    def __init__(self, sizes: Sequence[int], n_covariates: int = 0, *, last_activation=True):
+        layers: list[nn.Module] = []
+        n_layers = len(sizes) - 1
+        for i in range(n_layers):
+            layers.append(nn.Linear(sizes[i] + n_covariates, sizes[i + 1]))
+            if i < n_layers - 1 or last_activation:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+        self.n_covariates = n_covariates
+
+    def forward(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """``h`` of shape ``(n_cells, in)``, covariates ``(n_cells, n_covariates)`` or None."""
+        for layer in self:
+            if self.n_covariates and isinstance(layer, nn.Linear):
+                h = torch.cat([h, covariates], dim=1)
+            h = layer(h)
+        return h
 
 
 class InputLinear(nn.Module):
@@ -239,7 +324,10 @@ class OutputLinear(nn.Module):
 
     ``W`` (``n_genes x n_hidden``, as in ``torch.nn.Linear``) and ``b`` are stored side by side
     in one parameter, ``packed``: ``[W b 0]``, with zero columns that round its width up to a
-    multiple of 8. The loss works on exactly this matrix and its Gram matrix
+    multiple of 8. With ``n_covariates``, the layer is ``[h, c] -> W [h, c] + b``: the
+    covariates (one-hot batch) are more columns of its input, and ``W`` has ``n_hidden +
+    n_covariates`` columns; the Gram identity holds as before. The loss works on exactly this
+    matrix and its Gram matrix
     (:func:`~scvae_tools.models.squared_error_gram`), which is exact and avoids the dense
     ``n_cells x n_genes`` output. The zero columns stay zero (their gradient is exactly zero,
     and so is Adam's step); they are there because the matrix products with a 129-column
@@ -247,30 +335,39 @@ class OutputLinear(nn.Module):
     :meth:`forward`.
     """
 
-    def __init__(self, n_hidden: int, n_genes: int):
+    def __init__(self, n_hidden: int, n_genes: int, n_covariates: int = 0):
         super().__init__()
-        layer = nn.Linear(n_hidden, n_genes)  # for PyTorch's default initialisation
-        packed = torch.zeros(n_genes, -(-(n_hidden + 1) // 8) * 8)
-        packed[:, :n_hidden] = layer.weight.detach()
-        packed[:, n_hidden] = layer.bias.detach()
+        n_in = n_hidden + n_covariates
+        layer = nn.Linear(n_in, n_genes)  # for PyTorch's default initialisation
+        packed = torch.zeros(n_genes, -(-(n_in + 1) // 8) * 8)
+        packed[:, :n_in] = layer.weight.detach()
+        packed[:, n_in] = layer.bias.detach()
         self.packed = nn.Parameter(packed)
         self.n_hidden = n_hidden
+        self.n_covariates = n_covariates
 
     @property
     def weight(self) -> torch.Tensor:
-        """``W``, a view of shape ``(n_genes, n_hidden)``."""
-        return self.packed[:, : self.n_hidden]
+        """``W``, a view of shape ``(n_genes, n_hidden + n_covariates)``."""
+        return self.packed[:, : self.n_hidden + self.n_covariates]
 
     @property
     def bias(self) -> torch.Tensor:
         """``b``, a view of shape ``(n_genes,)``."""
-        return self.packed[:, self.n_hidden]
+        return self.packed[:, self.n_hidden + self.n_covariates]
 
-    def augment(self, h: torch.Tensor) -> torch.Tensor:
-        """``[h 1 0]``, shape ``(n_cells, packed width)``: ``packed @ [h 1 0] = W h + b``."""
-        n_pad = self.packed.shape[1] - self.n_hidden - 1
-        return torch.cat([h, h.new_ones(h.shape[0], 1), h.new_zeros(h.shape[0], n_pad)], dim=1)
+    def augment(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """``[h c 1 0]``, shape ``(n_cells, packed width)``: ``packed @ [h c 1 0] = W [h c] + b``.
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        ``covariates`` (``(n_cells, n_covariates)``) is ignored when the layer has none.
+        """
+        n_pad = self.packed.shape[1] - self.n_hidden - self.n_covariates - 1
+        parts = [h, covariates] if self.n_covariates else [h]
+        parts += [h.new_ones(h.shape[0], 1), h.new_zeros(h.shape[0], n_pad)]
+        return torch.cat(parts, dim=1)
+
+    def forward(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         """Dense reconstruction, shape ``(n_cells, n_genes)``."""
+        if self.n_covariates:
+            h = torch.cat([h, covariates], dim=1)
         return F.linear(h, self.weight, self.bias)

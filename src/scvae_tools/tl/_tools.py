@@ -12,8 +12,9 @@ import torch
 from anndata import AnnData
 
 from .._checks import check_bool, check_choice, check_float, check_int
-from .._data import MinibatchLoader, get_matrix, validate_matrix
+from .._data import MinibatchLoader, batch_covariates, get_matrix, validate_matrix
 from .._training import PRECISIONS, Precision, TrainingDivergedError, train
+from ..models._likelihood import LIKELIHOODS, LikelihoodName
 from ..models._model import LatentModel, ModelKind
 
 __all__ = ["ae", "vae", "vsc"]
@@ -63,6 +64,8 @@ def _fit(
     n_latent: int,
     hidden: Sequence[int],
     layer: str | None,
+    likelihood: LikelihoodName,
+    batch_key: str | None,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -95,18 +98,27 @@ def _fit(
             stacklevel=3,
         )
 
+    likelihood = check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+    covariates, categories = None, []
+    if batch_key is not None:
+        covariates, categories = batch_covariates(adata, batch_key)
+
     X = get_matrix(adata, layer)
     matrix_name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    validate_matrix(X, name=matrix_name)
+    counts_for = likelihood if LIKELIHOODS[likelihood].counts else None
+    validate_matrix(X, name=matrix_name, counts_for=counts_for)
 
     config = {"n_latent": n_latent, "hidden": list(hidden), **model_options}
+    config["likelihood"] = likelihood
     # Weight initialisation draws from torch's global generator: fork it so the caller's random
     # state is untouched and the same random_state always gives the same weights.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(random_state)
-        model = LatentModel(kind, adata.var_names, config)
+        model = LatentModel(
+            kind, adata.var_names, config, batch_key=batch_key, batch_categories=categories
+        )
     model.module.to(dev)
-    loader = MinibatchLoader(X, batch_size, device=dev)
+    loader = MinibatchLoader(X, batch_size, device=dev, covariates=covariates)
     result = train(
         model.module,
         loader,
@@ -118,7 +130,9 @@ def _fit(
         description=f"sv.tl.{kind}",
     )
     model.module.eval()
-    encoded = model._encode_matrix(X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc")
+    encoded = model._encode_matrix(
+        X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc", covariates=covariates
+    )
     rep, spike = encoded if kind == "vsc" else (encoded, None)
     if not np.isfinite(rep).all():
         raise TrainingDivergedError(
@@ -132,6 +146,8 @@ def _fit(
         "hidden": np.asarray(hidden),
         **model_options,
         "layer": "X" if layer is None else layer,
+        "likelihood": likelihood,
+        **({"batch_key": batch_key, "batch_categories": categories} if batch_key else {}),
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
@@ -176,6 +192,20 @@ _COMMON_DOC = """
         2,000 HVGs but not with all genes (see the reproduce page of the documentation).
     layer
         Train on ``adata.layers[layer]`` instead of ``adata.X``.
+    likelihood
+        The reconstruction's likelihood. ``"gaussian"`` (the default, the write-up's): squared
+        error on log-normalised data. ``"nb"`` (negative binomial), ``"zinb"``
+        (zero-inflated negative binomial) or ``"poisson"``: raw counts, as in scVI and DCA;
+        the decoder gives each gene's proportion of the cell's observed library size, with a
+        gene-wise dispersion (NB, ZINB) and zero-inflation logits (ZINB), and the encoder
+        sees ``log1p`` of the counts. Pass the counts with ``layer="counts"`` (or in ``X``);
+        anything but non-negative integers raises. Sparse counts stay sparse. The formulas
+        are in :class:`~scvae_tools.models.NegativeBinomialLikelihood` and
+        :class:`~scvae_tools.models.ZINBLikelihood`.
+    batch_key
+        Categorical column of ``adata.obs`` with each cell's batch (sample, donor,
+        protocol). Its one-hot is fed to every layer of the decoder (as scVI), so that the
+        latent space need not encode the batch. None: one batch (today's model, exactly).
     epochs
         Passes over all cells.
     batch_size
@@ -213,23 +243,28 @@ _COMMON_DOC = """
     ``adata.obsm["X_{name}"]`` : :class:`numpy.ndarray` ``(n_obs, n_latent)``, float32
         {rep}
     ``adata.uns["{name}"]`` : :class:`dict`
-        ``params`` (every argument that shaped the result, plus ``n_obs``, ``n_vars`` and the
-        ``layer`` used, ``"X"`` for ``adata.X``), ``history`` (one value per epoch of ``loss``
-        and each of its terms, averaged over cells) and ``training_time_s``.
+        ``params`` (every argument that shaped the result, plus ``n_obs``, ``n_vars``, the
+        ``layer`` used, ``"X"`` for ``adata.X``, the ``likelihood`` and, with a
+        ``batch_key``, the ``batch_categories`` in order), ``history`` (one value per epoch of
+        ``loss`` and each of its terms, averaged over cells: ``reconstruction`` is the
+        squared error, or for a count likelihood the negative log-likelihood of the counts,
+        summed over genes) and ``training_time_s``.
 {extra}
     Notes
     -----
     The input is any numeric matrix (dense or sparse, integer or float; AnnData views and
-    ``backed="r"`` work too); sparse data stays sparse. It should be log-normalised
-    (``sc.pp.normalize_total`` + ``sc.pp.log1p``): the reconstruction error is the squared error
-    summed over genes, averaged over the cells of a minibatch.{beta_note}
+    ``backed="r"`` work too); sparse data stays sparse. With the default Gaussian likelihood
+    it should be log-normalised (``sc.pp.normalize_total`` + ``sc.pp.log1p``): the
+    reconstruction error is the squared error summed over genes, averaged over the cells of a
+    minibatch. Count likelihoods take raw counts.{beta_note}
 
     Raises
     ------
     ValueError
-        NaN or infinite input, an empty AnnData, invalid hyperparameters.
+        NaN or infinite input, an empty AnnData, invalid hyperparameters, a count likelihood
+        on values that are not counts, missing values in ``adata.obs[batch_key]``.
     KeyError
-        ``layer`` is not in ``adata.layers``.
+        ``layer`` is not in ``adata.layers``, ``batch_key`` not in ``adata.obs``.
     scvae_tools.TrainingDivergedError
         The loss became NaN; nothing is written.
 """
@@ -259,6 +294,8 @@ def ae(
     hidden: Sequence[int] = (128, 32, 16),
     first_activation: bool = False,
     layer: str | None = None,
+    likelihood: LikelihoodName = "gaussian",
+    batch_key: str | None = None,
     epochs: int = 200,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -277,6 +314,8 @@ def ae(
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
+        likelihood=likelihood,
+        batch_key=batch_key,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -299,6 +338,8 @@ def vae(
     hidden: Sequence[int] = (128, 32, 16),
     first_activation: bool = False,
     layer: str | None = None,
+    likelihood: LikelihoodName = "gaussian",
+    batch_key: str | None = None,
     epochs: int = 200,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -323,6 +364,8 @@ def vae(
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
+        likelihood=likelihood,
+        batch_key=batch_key,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -346,6 +389,8 @@ def vsc(
     hidden: Sequence[int] = (128, 32, 16),
     first_activation: bool = False,
     layer: str | None = None,
+    likelihood: LikelihoodName = "gaussian",
+    batch_key: str | None = None,
     epochs: int = 200,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -374,6 +419,8 @@ def vsc(
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
+        likelihood=likelihood,
+        batch_key=batch_key,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

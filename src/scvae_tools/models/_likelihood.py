@@ -1,0 +1,334 @@
+r"""The likelihoods of the reconstruction: the decoder's output layer and its loss, one class each.
+
+Each takes the decoder's last hidden layer ``h`` (``n_cells x n_hidden``) and a minibatch, and
+returns the negative log-likelihood of every cell, summed over genes (shape ``(n_cells,)``);
+:class:`GaussianLikelihood` returns the squared error, which is the Gaussian's up to constants.
+Each also chooses what the encoder sees (:meth:`Likelihood.encoder_input`). A fifth likelihood
+is one more class here and one more row of ``LIKELIHOODS``.
+
+The count likelihoods (:class:`NegativeBinomialLikelihood`, :class:`ZINBLikelihood`,
+:class:`PoissonLikelihood`) follow scVI and DCA: the decoder gives per-gene proportions
+:math:`\rho = \mathrm{softmax}(W [h, c] + b)`, scaled by each cell's observed library size
+:math:`l = \sum_g x_g` to the mean :math:`\mu = l \rho`. On a sparse minibatch they are
+evaluated without densifying the counts: the log-likelihood of a zero count is computed for
+every entry (a dense ``n_cells x n_genes`` term that the mean needs anyway), and the terms that
+depend on :math:`x` are added at the stored non-zeros only,
+
+.. math::
+
+    \sum_g \log p(x_g) = \sum_g \log p(0 \mid \mu_g)
+    + \sum_{g:\, x_g > 0} \big(\log p(x_g \mid \mu_g) - \log p(0 \mid \mu_g)\big).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._losses import squared_error_gram
+from ._nn import Batch, OutputLinear, _low, output_products
+
+__all__ = [
+    "LIKELIHOODS",
+    "GaussianLikelihood",
+    "Likelihood",
+    "LikelihoodName",
+    "NegativeBinomialLikelihood",
+    "PoissonLikelihood",
+    "ZINBLikelihood",
+]
+
+LikelihoodName = Literal["gaussian", "nb", "zinb", "poisson"]
+
+
+class Likelihood(nn.Module):
+    """The interface of a likelihood: an output layer, its loss, and the encoder's input.
+
+    Parameters
+    ----------
+    n_hidden
+        Width of the decoder's last hidden layer.
+    n_genes
+        Number of genes.
+    n_covariates
+        Width of the one-hot batch fed to the output layer beside ``h`` (0: none).
+    """
+
+    #: Whether the likelihood is for raw counts (non-negative integers).
+    counts: ClassVar[bool] = False
+
+    def __init__(self, n_hidden: int, n_genes: int, n_covariates: int = 0):
+        super().__init__()
+        self.n_covariates = n_covariates
+
+    def encoder_input(self, batch: Batch) -> Batch:
+        """The batch as the encoder sees it."""
+        return batch
+
+    def forward(
+        self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Negative log-likelihood of each cell of ``batch``, summed over genes.
+
+        Parameters
+        ----------
+        batch
+            The observed minibatch ``x``, ``(n_cells, n_genes)``, with its covariates if any.
+        h
+            The decoder's last hidden layer, ``(n_cells, n_hidden)``.
+        dtype
+            Type of the output layer's products (``torch.bfloat16`` for
+            ``precision="bfloat16"``); None: float32.
+
+        Returns
+        -------
+        Shape ``(n_cells,)``.
+        """
+        raise NotImplementedError
+
+    def mean(
+        self, h: torch.Tensor, covariates: torch.Tensor | None, library: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The expected value of ``x`` given ``h``, dense, shape ``(n_cells, n_genes)``.
+
+        ``library`` (``(n_cells,)``) is the library size of each cell (count likelihoods).
+        """
+        raise NotImplementedError
+
+
+class GaussianLikelihood(Likelihood):
+    r"""Squared error, :math:`\lVert x - W [h, c] - b \rVert^2`, on log-normalised data.
+
+    Computed by the Gram identity (:func:`~scvae_tools.models.squared_error_gram`): one
+    multiply per non-zero of a sparse minibatch, and no dense ``n_cells x n_genes`` output.
+    This is the write-up's loss; a Gaussian with unit variance up to constants. The batch's
+    one-hot enters as more columns of the output layer's input, so the identity still holds.
+    """
+
+    def __init__(self, n_hidden: int, n_genes: int, n_covariates: int = 0):
+        super().__init__(n_hidden, n_genes, n_covariates)
+        self.output_layer = OutputLinear(n_hidden, n_genes, n_covariates)
+
+    def forward(
+        self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Summed squared error of each cell, shape ``(n_cells,)`` (see :class:`Likelihood`)."""
+        layer = self.output_layer
+        x_dot_weight, gram = output_products(batch, layer.packed, dtype)
+        return squared_error_gram(
+            batch.sq_norm, x_dot_weight, layer.augment(h, batch.covariates), gram
+        )
+
+    def mean(
+        self, h: torch.Tensor, covariates: torch.Tensor | None, library: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``W [h, c] + b``, shape ``(n_cells, n_genes)``."""
+        return self.output_layer(h, covariates)
+
+
+def _gather(value: torch.Tensor, flat: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
+    """``value`` at the non-zeros: by flat position if per entry, by gene if per gene."""
+    return value.reshape(-1)[flat] if value.dim() == 2 else value[genes]
+
+
+class _CountLikelihood(Likelihood):
+    """Shared part of the count likelihoods: proportions times the observed library size."""
+
+    counts = True
+
+    def __init__(self, n_hidden: int, n_genes: int, n_covariates: int = 0):
+        super().__init__(n_hidden, n_genes, n_covariates)
+        self.output_layer = nn.Linear(n_hidden + n_covariates, n_genes)
+
+    def encoder_input(self, batch: Batch) -> Batch:
+        """``log(1 + x)`` of the counts, as scVI; it keeps the sparsity pattern."""
+        return batch.map_values(torch.log1p)
+
+    def _input(self, h: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([h, covariates], dim=1) if self.n_covariates else h
+
+    @staticmethod
+    def _linear(h: torch.Tensor, layer: nn.Linear, dtype: torch.dtype | None) -> torch.Tensor:
+        if dtype is None:
+            return layer(h)
+        return F.linear(_low(h, dtype), _low(layer.weight, dtype), _low(layer.bias, dtype)).to(
+            h.dtype
+        )
+
+    def parameters_of(
+        self,
+        h: torch.Tensor,
+        covariates: torch.Tensor | None,
+        log_library: torch.Tensor,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The distribution's parameters: ``log_mu`` ``(n_cells, n_genes)`` and the others.
+
+        Per-entry parameters have shape ``(n_cells, n_genes)``, gene-wise ones ``(n_genes,)``.
+        """
+        logits = self._linear(self._input(h, covariates), self.output_layer, dtype)
+        return {"log_mu": torch.log_softmax(logits, dim=-1) + log_library[:, None]}
+
+    def log_prob(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log p(x)`; ``x`` and ``params`` broadcast together."""
+        raise NotImplementedError
+
+    def log_prob_zero(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log p(0)`, cheaper than ``log_prob`` at zeros."""
+        raise NotImplementedError
+
+    def log_likelihood(self, batch: Batch, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r""":math:`\sum_g \log p(x_g)` per cell, shape ``(n_cells,)``; sparse stays sparse."""
+        if not batch.is_sparse:
+            return self.log_prob(batch.dense, params).sum(-1)
+        rows = batch.rows()
+        genes = batch.indices.long()
+        flat = rows * params["log_mu"].shape[1] + genes
+        at_values = {name: _gather(value, flat, genes) for name, value in params.items()}
+        correction = self.log_prob(batch.values, at_values) - self.log_prob_zero(at_values)
+        zeros = self.log_prob_zero(params).sum(-1)
+        return zeros.index_add(0, rows, correction)
+
+    def forward(
+        self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Negative log-likelihood of each cell's counts, shape ``(n_cells,)``.
+
+        The library size is each cell's observed total count (at least 1).
+        """
+        log_library = batch.row_sums().clamp(min=1.0).log()
+        params = self.parameters_of(h, batch.covariates, log_library, dtype)
+        return -self.log_likelihood(batch, params)
+
+    def mean(
+        self, h: torch.Tensor, covariates: torch.Tensor | None, library: torch.Tensor | None
+    ) -> torch.Tensor:
+        r""":math:`\mu = l \rho`, shape ``(n_cells, n_genes)``."""
+        return torch.exp(self.parameters_of(h, covariates, library.log())["log_mu"])
+
+
+class PoissonLikelihood(_CountLikelihood):
+    r"""Poisson counts with mean :math:`\mu = l \rho`.
+
+    .. math::
+
+        \log p(x \mid \mu) = x \log \mu - \mu - \log \Gamma(x + 1)
+
+    The zero term :math:`-\mu` sums to :math:`-l` over genes, so no dense term but the
+    softmax's is needed.
+    """
+
+    def log_prob(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log p(x)`."""
+        log_mu = params["log_mu"]
+        return x * log_mu - torch.exp(log_mu) - torch.lgamma(x + 1.0)
+
+    def log_prob_zero(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log p(0) = -\mu`."""
+        return -torch.exp(params["log_mu"])
+
+
+class NegativeBinomialLikelihood(_CountLikelihood):
+    r"""Negative binomial counts with mean :math:`\mu = l \rho` and gene-wise dispersion.
+
+    The inverse dispersion :math:`\theta_g = \exp(\text{log\_theta}_g)` is learned per gene
+    (as scVI's ``dispersion="gene"``); the variance is :math:`\mu + \mu^2 / \theta`.
+
+    .. math::
+
+        \log \mathrm{NB}(x \mid \mu, \theta) =
+        \theta \log\frac{\theta}{\theta + \mu} + x \log\frac{\mu}{\theta + \mu}
+        + \log\Gamma(x + \theta) - \log\Gamma(\theta) - \log\Gamma(x + 1)
+
+    At :math:`x = 0` only the first term remains; it is computed for every entry, the rest at
+    the non-zeros only.
+    """
+
+    def __init__(self, n_hidden: int, n_genes: int, n_covariates: int = 0):
+        super().__init__(n_hidden, n_genes, n_covariates)
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    def parameters_of(
+        self,
+        h: torch.Tensor,
+        covariates: torch.Tensor | None,
+        log_library: torch.Tensor,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``log_mu`` ``(n_cells, n_genes)`` and ``log_theta`` ``(n_genes,)``."""
+        params = super().parameters_of(h, covariates, log_library, dtype)
+        return {**params, "log_theta": self.log_theta}
+
+    def log_prob(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log \mathrm{NB}(x)`."""
+        log_mu, log_theta = params["log_mu"], params["log_theta"]
+        theta = torch.exp(log_theta)
+        log_theta_mu = torch.logaddexp(log_theta, log_mu)
+        return (
+            theta * (log_theta - log_theta_mu)
+            + x * (log_mu - log_theta_mu)
+            + torch.lgamma(x + theta)
+            - torch.lgamma(theta)
+            - torch.lgamma(x + 1.0)
+        )
+
+    def log_prob_zero(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log \mathrm{NB}(0) = \theta \log(\theta / (\theta + \mu))`."""
+        log_theta = params["log_theta"]
+        return torch.exp(log_theta) * (log_theta - torch.logaddexp(log_theta, params["log_mu"]))
+
+
+class ZINBLikelihood(NegativeBinomialLikelihood):
+    r"""Zero-inflated negative binomial: NB as :class:`NegativeBinomialLikelihood`, plus zeros.
+
+    A second decoder head gives the zero-inflation logits :math:`\pi = W_\pi [h, c] + b_\pi`
+    (the probability of an extra zero is :math:`\sigma(\pi)`), as in scVI and DCA:
+
+    .. math::
+
+        \log p(0) &= \log\big(\sigma(\pi) + \sigma(-\pi)\,\mathrm{NB}(0 \mid \mu, \theta)\big)
+        = \mathrm{softplus}\big(-\pi + \theta \log\tfrac{\theta}{\theta + \mu}\big)
+          - \mathrm{softplus}(-\pi), \\
+        \log p(x) &= -\mathrm{softplus}(\pi) + \log \mathrm{NB}(x \mid \mu, \theta)
+        \quad (x > 0).
+    """
+
+    def __init__(self, n_hidden: int, n_genes: int, n_covariates: int = 0):
+        super().__init__(n_hidden, n_genes, n_covariates)
+        self.dropout_layer = nn.Linear(n_hidden + n_covariates, n_genes)
+
+    def parameters_of(
+        self,
+        h: torch.Tensor,
+        covariates: torch.Tensor | None,
+        log_library: torch.Tensor,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``log_mu`` and ``dropout_logits`` ``(n_cells, n_genes)``, ``log_theta``."""
+        params = super().parameters_of(h, covariates, log_library, dtype)
+        dropout = self._linear(self._input(h, covariates), self.dropout_layer, dtype)
+        return {**params, "dropout_logits": dropout}
+
+    def log_prob(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log p(x)`, for zeros and non-zeros alike."""
+        nb = super().log_prob(x, params)
+        return torch.where(
+            x > 0, nb - F.softplus(params["dropout_logits"]), self.log_prob_zero(params)
+        )
+
+    def log_prob_zero(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""Elementwise :math:`\log p(0)`."""
+        pi = params["dropout_logits"]
+        return F.softplus(super().log_prob_zero(params) - pi) - F.softplus(-pi)
+
+
+#: The likelihood class for each ``likelihood`` name.
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "gaussian": GaussianLikelihood,
+    "nb": NegativeBinomialLikelihood,
+    "zinb": ZINBLikelihood,
+    "poisson": PoissonLikelihood,
+}
