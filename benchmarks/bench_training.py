@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import platform
 import resource
@@ -28,15 +27,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from _common import (
+    MB,
+    PeakRSS,
+    Timing,
+    cpu_model,
+    current_rss,
+    fmt_mb,
+    fmt_s,
+    git_commit,
+    hvg_subset,
+    load_pbmc3k,
+    loadavg,
+    log,
+    status_kb,
+    time_scvi,
+    version,
+)
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc3k"
 TOOLS = ("ae", "vae", "vsc")
@@ -44,7 +58,6 @@ BATCH_SIZE = 256
 N_LATENT = 6
 BETA = 2.0
 EXTRAPOLATE_EPOCHS = 200
-MB = 2**20
 GB = 2**30
 # Targets of the performance issue (printed, not enforced).
 TARGET_DENSE_RATIO = 3.0
@@ -53,150 +66,9 @@ TARGET_200_S = {"all": 70.0, "hvg": 15.0}
 TARGET_MEM_SLACK = 1.5 * GB
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------------
-# Memory measurement
+# Data (PBMC3k, its recipe, RSS, SCVI and the report helpers: _common.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _status_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_rss() -> int:
-    """Resident set size of this process, bytes."""
-    kb = _status_kb("VmRSS")
-    if kb is not None:
-        return kb * 1024
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
-
-
-class PeakRSS:
-    """Peak RSS of this process while a ``with`` block runs.
-
-    Exact on Linux (the high-water mark ``VmHWM`` is reset on entry and read on exit); elsewhere
-    ``psutil`` samples the RSS every 2 ms, which can miss short spikes.
-    """
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.before = current_rss()
-        self._exact = _reset_peak()
-        self._stop = threading.Event()
-        self._max = self.before
-        if not self._exact:
-            import psutil
-
-            proc = psutil.Process()
-
-            def sample() -> None:
-                while not self._stop.wait(0.002):
-                    self._max = max(self._max, proc.memory_info().rss)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._exact:
-            self.peak = (_status_kb("VmHWM") or 0) * 1024
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._max, current_rss())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.before
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-def _inline_recipe(adata: Any) -> Any:
-    import scanpy as sc
-
-    sc.pp.filter_genes(adata, min_cells=3)
-    adata.var["mt"] = adata.var_names.str.startswith("MT-")
-    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
-    keep = (
-        (adata.obs["n_genes_by_counts"] > 200)
-        & (adata.obs["n_genes_by_counts"] < 2500)
-        & (adata.obs["pct_counts_mt"] < 5)
-    )
-    adata = adata[keep.to_numpy()].copy()
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    return adata
-
-
-def load_pbmc3k(data_dir: Path) -> tuple[Any, str]:
-    """PBMC3k after the Seurat recipe: log-normalised ``X`` (CSR) and a ``counts`` layer."""
-    import anndata as ad
-
-    path = data_dir / "pbmc3k_raw.h5ad"
-    if not path.exists():
-        sys.exit(f"PBMC3k not found at {path}; pass --data-dir (the folder of pbmc3k_raw.h5ad).")
-    raw = ad.read_h5ad(path)
-    raw.var_names_make_unique()
-    raw.X = sp.csr_matrix(raw.X, dtype=np.float32)
-
-    how = "inline Seurat recipe (filter_genes min_cells=3, QC, normalize_total 1e4, log1p)"
-    adata = None
-    try:
-        from scvae_tools.pp import recipe_seurat  # may appear in a later version
-    except ImportError:
-        recipe_seurat = None
-    if recipe_seurat is not None:
-        try:
-            copy = raw.copy()
-            out = recipe_seurat(copy)
-            candidate = out if out is not None else copy
-            if candidate.shape == (2638, 13714) and float(candidate.X.max()) < 20:
-                adata, how = candidate, "scvae_tools.pp.recipe_seurat"
-            else:
-                log(f"recipe_seurat gave {candidate.shape}, not log data of 2638 x 13714; inlined")
-        except Exception as err:  # fall back to the documented recipe
-            log(f"recipe_seurat failed ({err!r}); using the inline recipe")
-    if adata is None:
-        adata = _inline_recipe(raw.copy())
-    if not sp.issparse(adata.X) or adata.X.format != "csr":
-        adata.X = sp.csr_matrix(adata.X)
-    adata.X = adata.X.astype(np.float32)
-    # Raw counts of the same cells and genes, for the HVG selection and for scvi-tools.
-    adata.layers["counts"] = sp.csr_matrix(raw[adata.obs_names, adata.var_names].X)
-    return adata, how
-
-
-def hvg_subset(adata: Any, n_top: int = 2000) -> Any:
-    import scanpy as sc
-
-    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, layer="counts")
-    return adata[:, adata.var["highly_variable"].to_numpy()].copy()
 
 
 def synthetic_csr(n_cells: int, n_genes: int, nnz_per_cell: int, seed: int = 0) -> sp.csr_matrix:
@@ -235,31 +107,6 @@ def synthetic_csr(n_cells: int, n_genes: int, nnz_per_cell: int, seed: int = 0) 
 
 def csr_nbytes(X: sp.csr_matrix) -> int:
     return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Timing:
-    name: str
-    per_epoch: float  # seconds per epoch used for ratios
-    est_200: float  # predicted wall time of a 200-epoch run
-    peak: int = 0
-    delta: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _fmt_s(x: float | None) -> str:
-    if x is None or not np.isfinite(x):
-        return "n/a"
-    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
-
-
-def _fmt_mb(x: int) -> str:
-    return f"{round(x / MB):,d}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,84 +318,6 @@ def compare_with_dense(
 
 
 # --------------------------------------------------------------------------------------------
-# Baseline B: scvi-tools SCVI
-# --------------------------------------------------------------------------------------------
-
-
-def _quiet_scvi() -> Any:
-    for name in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module=r"(lightning|pytorch_lightning|scvi)(\..*)?")
-    import scvi
-
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.seed = 0
-    for name in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return scvi
-
-
-def time_scvi(adata: Any, likelihood: str, *, epochs: int) -> Timing:
-    """``SCVI(n_latent=6, gene_likelihood=...)`` on the raw counts layer, all cells.
-
-    ``per_epoch`` is the median of ``epochs`` epochs timed by a Lightning callback, after 1
-    warm-up epoch; the 200-epoch estimate adds ``setup_anndata`` + model + trainer set-up once.
-    """
-    import anndata as ad
-    import torch
-    from lightning.pytorch.callbacks import Callback
-
-    threads = torch.get_num_threads()
-    scvi = _quiet_scvi()
-
-    class EpochTimer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            self.times.append(time.perf_counter() - self._t0)
-
-    timer = EpochTimer()
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        counts = ad.AnnData(X=adata.layers["counts"].copy())
-        counts.obs_names, counts.var_names = adata.obs_names, adata.var_names
-        scvi.model.SCVI.setup_anndata(counts)
-        model = scvi.model.SCVI(counts, n_latent=N_LATENT, gene_likelihood=likelihood)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.train(
-                max_epochs=1 + epochs,
-                train_size=1.0,
-                batch_size=BATCH_SIZE,
-                early_stopping=False,
-                enable_progress_bar=False,
-                accelerator="cpu",
-                devices=1,
-                callbacks=[timer],
-                enable_model_summary=False,
-                logger=False,
-                enable_checkpointing=False,
-            )
-        wall = time.perf_counter() - t0
-    torch.set_num_threads(threads)  # in case Lightning changed it
-    del model, counts
-    per_epoch = statistics.median(timer.times[1:])
-    fixed = wall - sum(timer.times)
-    return Timing(
-        f"SCVI {likelihood}",
-        per_epoch,
-        fixed + EXTRAPOLATE_EPOCHS * per_epoch,
-        mem.peak,
-        mem.delta,
-        {"setup": fixed},
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # Memory section (one subprocess per tool)
 # --------------------------------------------------------------------------------------------
 
@@ -560,7 +329,7 @@ def _process_peak() -> int:
     ``ru_maxrss`` can still carry the parent's RSS from before the ``fork`` (Linux), so it is only
     the fallback.
     """
-    kb = _status_kb("VmHWM")
+    kb = status_kb("VmHWM")
     if kb is not None:
         return kb * 1024
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
@@ -651,11 +420,11 @@ def memory_table(results: list[dict[str, Any]], shape: tuple[int, int, int]) -> 
         ok = r["peak"] < r["csr_bytes"] + TARGET_MEM_SLACK
         limit = (r["csr_bytes"] + TARGET_MEM_SLACK) / MB
         out.append(
-            f"| {r['tool']} | {_fmt_mb(r['csr_bytes'])} | {_fmt_mb(r['rss_imports'])} "
-            f"| {_fmt_mb(r['rss_built'])} | {_fmt_mb(r['peak'])} "
-            f"| {_fmt_mb(r['peak'] - r['csr_bytes'])} "
-            f"| {'yes' if ok else 'NO'} (< {limit:,.0f}) | {_fmt_s(r['train_s'])} "
-            f"| {_fmt_s(r['call_s'])} |"
+            f"| {r['tool']} | {fmt_mb(r['csr_bytes'])} | {fmt_mb(r['rss_imports'])} "
+            f"| {fmt_mb(r['rss_built'])} | {fmt_mb(r['peak'])} "
+            f"| {fmt_mb(r['peak'] - r['csr_bytes'])} "
+            f"| {'yes' if ok else 'NO'} (< {limit:,.0f}) | {fmt_s(r['train_s'])} "
+            f"| {fmt_s(r['call_s'])} |"
         )
     if results and "build_s" in results[0]:
         out += ["", f"Building the CSR took {results[0]['build_s']:.1f} s (not included above)."]
@@ -738,7 +507,9 @@ def pbmc_section(args: argparse.Namespace) -> list[str]:
         scvi_t[gs] = {}
         for lik in ("zinb", "normal"):
             log(f"{gs}: SCVI {lik}, 1 + {args.epochs} epochs")
-            scvi_t[gs][lik] = time_scvi(data, lik, epochs=args.epochs)
+            scvi_t[gs][lik] = time_scvi(
+                data, lik, epochs=args.epochs, n_latent=N_LATENT, batch_size=BATCH_SIZE
+            )
 
     out: list[str] = []
     for gs in sets:
@@ -768,16 +539,16 @@ def pbmc_section(args: argparse.Namespace) -> list[str]:
                 gs == "all"
             ) + [f"200ep {'ok' if t200 <= TARGET_200_S[gs] else 'MISS'}"]
             measured = t.extra.get("measured_200")
-            two_hundred = _fmt_s(t.est_200) + (f" ({_fmt_s(measured)})" if measured else "")
-            peak = f"{_fmt_mb(t.peak)} | {_fmt_mb(t.delta)}" if t.peak else "- | -"
+            two_hundred = fmt_s(t.est_200) + (f" ({fmt_s(measured)})" if measured else "")
+            peak = f"{fmt_mb(t.peak)} | {fmt_mb(t.delta)}" if t.peak else "- | -"
             out.append(
-                f"| sv.tl.{name} | {_fmt_s(t.per_epoch)} | {_fmt_s(t.extra.get('loop'))} "
+                f"| sv.tl.{name} | {fmt_s(t.per_epoch)} | {fmt_s(t.extra.get('loop'))} "
                 f"| {two_hundred} | {peak} | {dense_cell} | {r_scvi:.2f}x | {', '.join(checks)} |"
             )
         for t in [*dense[gs].values(), *scvi_t[gs].values()]:
             out.append(
-                f"| {t.name} (baseline) | {_fmt_s(t.per_epoch)} | | {_fmt_s(t.est_200)} "
-                f"| {_fmt_mb(t.peak)} | {_fmt_mb(t.delta)} | | | set-up {t.extra['setup']:.2f} s |"
+                f"| {t.name} (baseline) | {fmt_s(t.per_epoch)} | | {fmt_s(t.est_200)} "
+                f"| {fmt_mb(t.peak)} | {fmt_mb(t.delta)} | | | set-up {t.extra['setup']:.2f} s |"
             )
         out.append("")
     out += [
@@ -795,53 +566,6 @@ def pbmc_section(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        res = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return res.stdout.strip() + (" (src/ modified)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def header(args: argparse.Namespace) -> list[str]:
     import torch
 
@@ -853,14 +577,14 @@ def header(args: argparse.Namespace) -> list[str]:
     return [
         f"## scvae-tools training benchmark ({mode} mode, {time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        f"- CPU: {_cpu_model()}, {cores} usable cores; torch threads: {torch.get_num_threads()} "
+        f"- CPU: {cpu_model()}, {cores} usable cores; torch threads: {torch.get_num_threads()} "
         "(torch default, not changed)",
         f"- CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
-        f"- load average at start (1/5/15 min): {_loadavg()} (other work on the machine inflates "
+        f"- load average at start (1/5/15 min): {loadavg()} (other work on the machine inflates "
         "the times)",
         f"- python {platform.python_version()}, torch {torch.__version__}, scvae-tools "
-        f"{_version('scvae-tools')} (git {_git_commit()}), scanpy {_version('scanpy')}, "
-        f"anndata {_version('anndata')}, scvi-tools {_version('scvi-tools')}",
+        f"{version('scvae-tools')} (git {git_commit()}), scanpy {version('scanpy')}, "
+        f"anndata {version('anndata')}, scvi-tools {version('scvi-tools')}",
         f"- alternating rounds per tool: {args.repeats}, of {args.epochs} epochs each (dense loop "
         f"and one call per precision); batch size {BATCH_SIZE}, n_latent {N_LATENT}, "
         f"beta {BETA:g}",
@@ -939,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         LEGEND,
         f"Total benchmark time: {time.perf_counter() - t_start:.0f} s; load average at the end: "
-        f"{_loadavg()}.",
+        f"{loadavg()}.",
     ]
     report = "\n".join(lines)
     print(report)
