@@ -754,14 +754,17 @@ def integration_scores(
                             (j - 0.45, i - 0.35), width, 0.7, color=cmap(value), linewidth=0
                         )
                     )
+                # Inside a long bar, after a short one (where it would not fit).
+                inside = finite and value >= 0.5
+                x_text = j - 0.4 if inside or not finite else j - 0.43 + 0.9 * max(value, 0.0)
                 ax.text(
-                    j - 0.4,
+                    x_text,
                     i,
                     f"{value:.2f}" if finite else "n/a",
                     ha="left",
                     va="center",
                     fontsize="small",
-                    color=_text_color(cmap, value) if finite and value > 0.25 else "black",
+                    color=_text_color(cmap, value) if inside else "black",
                 )
             else:
                 color = _text_color(cmap, value) if finite else "black"
