@@ -189,8 +189,15 @@ class _CountLikelihood(Likelihood):
         flat = rows * params["log_mu"].shape[1] + genes
         at_values = {name: _gather(value, flat, genes) for name, value in params.items()}
         correction = self.log_prob(batch.values, at_values) - self.log_prob_zero(at_values)
-        zeros = self.log_prob_zero(params).sum(-1)
-        return zeros.index_add(0, rows, correction)
+        return self.log_prob_zero_sum(params).index_add(0, rows, correction)
+
+    def log_prob_zero_sum(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r""":math:`\sum_g \log p(0 \mid \cdot_g)` per cell, over all genes; shape ``(n_cells,)``.
+
+        The one dense term of the sparse path: subclasses write it in as few passes over the
+        ``n_cells x n_genes`` entries as they can.
+        """
+        return self.log_prob_zero(params).sum(-1)
 
     def forward(
         self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
@@ -230,6 +237,10 @@ class PoissonLikelihood(_CountLikelihood):
         r"""Elementwise :math:`\log p(0) = -\mu`."""
         return -torch.exp(params["log_mu"])
 
+    def log_prob_zero_sum(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r""":math:`-\sum_g \mu_g`, which is :math:`-l` for the model's own means."""
+        return -torch.logsumexp(params["log_mu"], dim=-1).exp()
+
 
 class NegativeBinomialLikelihood(_CountLikelihood):
     r"""Negative binomial counts with mean :math:`\mu = l \rho` and gene-wise dispersion.
@@ -266,19 +277,26 @@ class NegativeBinomialLikelihood(_CountLikelihood):
         r"""Elementwise :math:`\log \mathrm{NB}(x)`."""
         log_mu, log_theta = params["log_mu"], params["log_theta"]
         theta = torch.exp(log_theta)
-        log_theta_mu = torch.logaddexp(log_theta, log_mu)
+        # log(mu / (theta + mu)) = u - softplus(u) and log(theta / (theta + mu)) = -softplus(u)
+        u = log_mu - log_theta
+        softplus_u = F.softplus(u)
         return (
-            theta * (log_theta - log_theta_mu)
-            + x * (log_mu - log_theta_mu)
+            x * (u - softplus_u)
+            - theta * softplus_u
             + torch.lgamma(x + theta)
             - torch.lgamma(theta)
             - torch.lgamma(x + 1.0)
         )
 
     def log_prob_zero(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        r"""Elementwise :math:`\log \mathrm{NB}(0) = \theta \log(\theta / (\theta + \mu))`."""
+        r"""Elementwise :math:`\log \mathrm{NB}(0) = -\theta \log(1 + \mu / \theta)`."""
         log_theta = params["log_theta"]
-        return torch.exp(log_theta) * (log_theta - torch.logaddexp(log_theta, params["log_mu"]))
+        return -torch.exp(log_theta) * F.softplus(params["log_mu"] - log_theta)
+
+    def log_prob_zero_sum(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r""":math:`-\sum_g \theta_g \log(1 + \mu_g / \theta_g)`: one product with :math:`\theta`."""
+        log_theta = params["log_theta"]
+        return -(F.softplus(params["log_mu"] - log_theta) @ torch.exp(log_theta))
 
 
 class ZINBLikelihood(NegativeBinomialLikelihood):
