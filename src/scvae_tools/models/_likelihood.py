@@ -273,6 +273,39 @@ class NegativeBinomialLikelihood(_CountLikelihood):
         params = super().parameters_of(h, covariates, log_library, dtype)
         return {**params, "log_theta": self.log_theta}
 
+    def _dropout_logits(self, h: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | None:
+        return None
+
+    def forward(
+        self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Negative log-likelihood of each cell's counts, shape ``(n_cells,)``.
+
+        Sparse minibatches take :class:`_SparseNBLogLikelihood`, whose backward pass is
+        written out: about half the passes over the dense ``n_cells x n_genes`` entries that
+        autograd makes of the same formulas.
+        """
+        if not batch.is_sparse:
+            return super().forward(batch, h, dtype)
+        rows = batch.rows()
+        log_library = (
+            batch.values.new_zeros(batch.n_cells).index_add_(0, rows, batch.values).clamp(min=1.0)
+        ).log()
+        hc = self._input(h, batch.covariates)
+        logits = self._linear(hc, self.output_layer, dtype)
+        genes = batch.indices.long()
+        flat = rows * logits.shape[1] + genes
+        return -_SparseNBLogLikelihood.apply(
+            logits,
+            self.log_theta,
+            self._dropout_logits(hc, dtype),
+            log_library,
+            rows,
+            genes,
+            flat,
+            batch.values,
+        )
+
     def log_prob(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         r"""Elementwise :math:`\log \mathrm{NB}(x)`."""
         log_mu, log_theta = params["log_mu"], params["log_theta"]
@@ -327,8 +360,11 @@ class ZINBLikelihood(NegativeBinomialLikelihood):
     ) -> dict[str, torch.Tensor]:
         """``log_mu`` and ``dropout_logits`` ``(n_cells, n_genes)``, ``log_theta``."""
         params = super().parameters_of(h, covariates, log_library, dtype)
-        dropout = self._linear(self._input(h, covariates), self.dropout_layer, dtype)
+        dropout = self._dropout_logits(self._input(h, covariates), dtype)
         return {**params, "dropout_logits": dropout}
+
+    def _dropout_logits(self, h: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        return self._linear(h, self.dropout_layer, dtype)
 
     def log_prob(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         r"""Elementwise :math:`\log p(x)`, for zeros and non-zeros alike."""
@@ -341,6 +377,83 @@ class ZINBLikelihood(NegativeBinomialLikelihood):
         r"""Elementwise :math:`\log p(0)`."""
         pi = params["dropout_logits"]
         return F.softplus(super().log_prob_zero(params) - pi) - F.softplus(-pi)
+
+    def log_prob_zero_sum(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        r""":math:`\sum_g \log p(0)` per cell (not the NB's shortcut)."""
+        return self.log_prob_zero(params).sum(-1)
+
+
+class _SparseNBLogLikelihood(torch.autograd.Function):
+    r"""NB (ZINB with ``dropout``) log-likelihood of a sparse minibatch per cell, fused.
+
+    Inputs: ``logits`` :math:`s` ``(n_cells, n_genes)`` (:math:`\rho = \mathrm{softmax}(s)`),
+    ``log_theta`` ``(n_genes,)``, ``dropout`` logits :math:`\pi` ``(n_cells, n_genes)`` or None,
+    ``log_library`` ``(n_cells,)``, and the non-zeros: their ``rows``, ``genes``, flat
+    positions ``flat`` and counts ``x``. With :math:`u = \log(\mu / \theta)`, the zero term
+    is :math:`-\theta\,\mathrm{softplus}(u)` and the non-zeros add
+    :math:`x\,(u - \mathrm{softplus}(u)) + \log\Gamma(x + \theta) - \log\Gamma(\theta)
+    - \log\Gamma(x + 1)` (and the zero-inflation terms). The backward pass uses
+    :math:`\partial \log p / \partial \log \mu = a`, summed into the softmax's gradient
+    :math:`g\,(a - \rho \sum_g a_g)`, with :math:`q = \sigma(u) = \mu / (\theta + \mu)`:
+    :math:`a = -\theta q` at zeros, plus :math:`x\,(1 - q)` at the non-zeros (NB).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, log_theta, dropout, log_library, rows, genes, flat, x):
+        lse = torch.logsumexp(logits, 1)
+        u = logits + (log_library - lse)[:, None]
+        u -= log_theta
+        sp_u = F.softplus(u)
+        theta = log_theta.exp()
+        u_nz, sp_nz, th = u.reshape(-1)[flat], sp_u.reshape(-1)[flat], theta[genes]
+        # log NB(x) - log NB(0) at the non-zeros
+        correction = (
+            x * (u_nz - sp_nz) + torch.lgamma(x + th) - torch.lgamma(th) - torch.lgamma(x + 1.0)
+        )
+        w = None
+        if dropout is None:
+            ll = -(sp_u @ theta)
+        else:
+            t = sp_u * -theta - dropout  # log NB(0) - pi
+            ll = (F.softplus(t) - F.softplus(-dropout)).sum(1)
+            w = torch.sigmoid(t)
+            pi_nz, f0_nz = dropout.reshape(-1)[flat], -th * sp_nz
+            zero_nz = F.softplus(f0_nz - pi_nz) - F.softplus(-pi_nz)
+            correction = correction + f0_nz - F.softplus(pi_nz) - zero_nz
+        ctx.save_for_backward(u, sp_u, theta, log_theta, log_library, dropout, w, rows, genes)
+        ctx.flat, ctx.x = flat, x
+        return ll.index_add(0, rows, correction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        u, sp_u, theta, log_theta, log_library, dropout, w, rows, genes = ctx.saved_tensors
+        flat, x = ctx.flat, ctx.x
+        th = theta[genes]
+        g_nz = grad[rows]
+        q = torch.sigmoid(u)
+        q_nz, sp_nz = q.reshape(-1)[flat], sp_u.reshape(-1)[flat]
+        digammas = torch.digamma(x + th) - torch.digamma(th)
+        a_nz = x * (1.0 - q_nz)  # d/d log mu of the correction (NB)
+        b_nz = th * digammas - a_nz  # d/d log theta of the correction (NB)
+        grad_dropout = None
+        if dropout is None:
+            grad_log_theta = theta * (grad @ q - grad @ sp_u)
+            a = q.mul_(-theta)
+        else:
+            w_nz = w.reshape(-1)[flat]
+            grad_log_theta = theta * (grad @ ((q - sp_u).mul_(w)))
+            a = q.mul_(w).mul_(-theta)
+            a_nz = a_nz - th * q_nz * (1.0 - w_nz)
+            b_nz = b_nz + th * (q_nz - sp_nz) * (1.0 - w_nz)
+            grad_dropout = torch.sigmoid(-dropout).sub_(w).mul_(grad[:, None])
+            grad_dropout.reshape(-1).index_add_(0, flat, g_nz * (w_nz - 1.0))
+        total_a = a.sum(1).index_add_(0, rows, a_nz)
+        grad_log_theta.index_add_(0, genes, g_nz * b_nz)
+        rho = u.add_(log_theta).sub_(log_library[:, None]).exp_()  # softmax(logits)
+        grad_logits = a.sub_(rho.mul_(total_a[:, None])).mul_(grad[:, None])
+        grad_logits.reshape(-1).index_add_(0, flat, g_nz * a_nz)
+        return grad_logits, grad_log_theta, grad_dropout, None, None, None, None, None
 
 
 #: The likelihood class for each ``likelihood`` name.
