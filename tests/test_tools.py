@@ -609,14 +609,19 @@ def test_gaussian_with_batches_conditions_the_decoder_and_keeps_the_gram_path():
 
 
 def test_batch_aware_vae_mixes_batches_and_keeps_labels_apart():
+    """Two batches with a strong gene-wise effect: without ``batch_key`` the latent space
+    splits by batch (almost no kNN from the other batch); with it, cells of a type mix
+    (0.38-0.40 of the neighbours from the other batch over three data seeds, 0.5 is perfect)
+    while the types stay apart."""
     adata = two_batch_counts()
     scores = {}
     for key in (None, "batch"):
-        sv.tl.vae(adata, likelihood="nb", batch_key=key, epochs=60, batch_size=64, progress=False)
+        sv.tl.vae(adata, likelihood="nb", batch_key=key, epochs=150, batch_size=64, progress=False)
         scores[key] = knn_fractions(adata.obsm["X_vae"], adata.obs)
-    (mix_plain, _), (mix_batch, purity_batch) = scores[None], scores["batch"]
-    assert mix_batch > mix_plain + 0.1, scores
-    assert purity_batch > 0.85, scores
+    (mix_plain, purity_plain), (mix_batch, purity_batch) = scores[None], scores["batch"]
+    assert mix_plain < 0.1 and purity_plain > 0.9, scores
+    assert mix_batch > mix_plain + 0.2, scores
+    assert purity_batch > 0.9, scores
 
 
 def test_cli_train_with_likelihood_and_batch_key(tmp_path, capsys):
