@@ -281,9 +281,9 @@ class NegativeBinomialLikelihood(_CountLikelihood):
     ) -> torch.Tensor:
         """Negative log-likelihood of each cell's counts, shape ``(n_cells,)``.
 
-        Sparse minibatches take :class:`_SparseNBLogLikelihood`, whose backward pass is
-        written out: about half the passes over the dense ``n_cells x n_genes`` entries that
-        autograd makes of the same formulas.
+        Sparse minibatches take a fused path whose backward pass is written out: about half
+        the passes over the dense ``n_cells x n_genes`` entries that autograd makes of the
+        same formulas.
         """
         if not batch.is_sparse:
             return super().forward(batch, h, dtype)
@@ -400,49 +400,66 @@ class _SparseNBLogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, log_theta, dropout, log_library, rows, genes, flat, x):
-        lse = torch.logsumexp(logits, 1)
-        u = logits + (log_library - lse)[:, None]
-        u -= log_theta
-        sp_u = F.softplus(u)
+        # exp once: e = exp(s - max), softmax = e / sum(e), r = mu / theta = e * l / (sum * theta)
+        top = logits.amax(1)
+        e = logits.sub(top[:, None]).exp_()
+        total = e.sum(1)
+        log_total = total.log()
         theta = log_theta.exp()
-        u_nz, sp_nz, th = u.reshape(-1)[flat], sp_u.reshape(-1)[flat], theta[genes]
+        r = e.mul((log_library - log_total).exp()[:, None]).mul_(theta.reciprocal())
+        sp_u = torch.log1p(r)  # softplus(u), u = log(mu / theta)
+        th = theta.index_select(0, genes)
+        # u at the non-zeros from the logits, not from r, which may underflow
+        u_nz = (
+            logits.reshape(-1).index_select(0, flat)
+            + (log_library - top - log_total).index_select(0, rows)
+            - log_theta.index_select(0, genes)
+        )
+        sp_nz = sp_u.reshape(-1).index_select(0, flat)
         # log NB(x) - log NB(0) at the non-zeros
         correction = (
-            x * (u_nz - sp_nz) + torch.lgamma(x + th) - torch.lgamma(th) - torch.lgamma(x + 1.0)
+            x * (u_nz - sp_nz)
+            + torch.lgamma(x + th)
+            - torch.lgamma(theta).index_select(0, genes)
+            - torch.lgamma(x + 1.0)
         )
-        w = None
+        w = w_nz = None
         if dropout is None:
             ll = -(sp_u @ theta)
         else:
-            t = sp_u * -theta - dropout  # log NB(0) - pi
+            t = sp_u.mul(-theta).sub_(dropout)  # log NB(0) - pi
             ll = (F.softplus(t) - F.softplus(-dropout)).sum(1)
             w = torch.sigmoid(t)
-            pi_nz, f0_nz = dropout.reshape(-1)[flat], -th * sp_nz
-            zero_nz = F.softplus(f0_nz - pi_nz) - F.softplus(-pi_nz)
+            pi_nz = dropout.reshape(-1).index_select(0, flat)
+            f0_nz = -th * sp_nz
+            t_nz = f0_nz - pi_nz
+            w_nz = torch.sigmoid(t_nz)
+            zero_nz = F.softplus(t_nz) - F.softplus(-pi_nz)
             correction = correction + f0_nz - F.softplus(pi_nz) - zero_nz
-        ctx.save_for_backward(u, sp_u, theta, log_theta, log_library, dropout, w, rows, genes)
+        ctx.save_for_backward(e, total, sp_u, theta, dropout, w, rows, genes, th, sp_nz, w_nz)
         ctx.flat, ctx.x = flat, x
         return ll.index_add(0, rows, correction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        u, sp_u, theta, log_theta, log_library, dropout, w, rows, genes = ctx.saved_tensors
+        e, total, sp_u, theta, dropout, w, rows, genes, th, sp_nz, w_nz = ctx.saved_tensors
         flat, x = ctx.flat, ctx.x
-        th = theta[genes]
-        g_nz = grad[rows]
-        q = torch.sigmoid(u)
-        q_nz, sp_nz = q.reshape(-1)[flat], sp_u.reshape(-1)[flat]
-        digammas = torch.digamma(x + th) - torch.digamma(th)
+        g_nz = grad.index_select(0, rows)
+        inv = sp_u.neg().exp_()  # 1 / (1 + r) = 1 - q, q = sigmoid(u) = mu / (theta + mu)
+        q_nz = 1.0 - torch.exp(-sp_nz)
+        digammas = torch.digamma(x + th) - torch.digamma(theta).index_select(0, genes)
         a_nz = x * (1.0 - q_nz)  # d/d log mu of the correction (NB)
         b_nz = th * digammas - a_nz  # d/d log theta of the correction (NB)
         grad_dropout = None
         if dropout is None:
-            grad_log_theta = theta * (grad @ q - grad @ sp_u)
-            a = q.mul_(-theta)
+            # dense: d/d log mu = -theta q, d/d log theta = theta (q - softplus(u))
+            grad_log_theta = theta * (grad.sum() - grad @ inv - grad @ sp_u)
+            a = inv.sub_(1.0).mul_(theta)
         else:
-            w_nz = w.reshape(-1)[flat]
-            grad_log_theta = theta * (grad @ ((q - sp_u).mul_(w)))
+            # dense: each NB term times w = sigmoid(log NB(0) - pi); d/d pi = sigmoid(-pi) - w
+            q = inv.neg_().add_(1.0)
+            grad_log_theta = theta * (grad @ (q - sp_u).mul_(w))
             a = q.mul_(w).mul_(-theta)
             a_nz = a_nz - th * q_nz * (1.0 - w_nz)
             b_nz = b_nz + th * (q_nz - sp_nz) * (1.0 - w_nz)
@@ -450,8 +467,8 @@ class _SparseNBLogLikelihood(torch.autograd.Function):
             grad_dropout.reshape(-1).index_add_(0, flat, g_nz * (w_nz - 1.0))
         total_a = a.sum(1).index_add_(0, rows, a_nz)
         grad_log_theta.index_add_(0, genes, g_nz * b_nz)
-        rho = u.add_(log_theta).sub_(log_library[:, None]).exp_()  # softmax(logits)
-        grad_logits = a.sub_(rho.mul_(total_a[:, None])).mul_(grad[:, None])
+        # a - softmax * sum(a), softmax = e / total
+        grad_logits = a.addcmul_(e, (-total_a / total)[:, None]).mul_(grad[:, None])
         grad_logits.reshape(-1).index_add_(0, flat, g_nz * a_nz)
         return grad_logits, grad_log_theta, grad_dropout, None, None, None, None, None
 
