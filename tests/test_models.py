@@ -180,3 +180,47 @@ def test_architecture_follows_the_write_up():
     assert module.output_layer.weight.shape == (100, 128)
     assert module.output_layer.bias.shape == (100,)
     assert module.output_layer.packed.shape == (100, 136)  # [W b], padded to a multiple of 8
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gram_squared_error_with_batch_columns_equals_dense(sparse):
+    """With a batch one-hot, ``[h c 1 0]`` against the packed ``[W b 0]``: still exact."""
+    csr, dense = _sparse_block(seed=5)
+    torch.manual_seed(0)
+    module = AutoencoderModule(dense.shape[1], "gaussian", hidden=(16, 8, 4), n_batches=3)
+    assert module.output_layer.packed.shape == (dense.shape[1], 24)  # 16 + 3 + 1, padded
+    batch = to_batch(csr if sparse else dense, for_training=True)
+    batch.covariates = torch.eye(3)[torch.arange(dense.shape[0]) % 3]
+    h = torch.randn(dense.shape[0], 16, requires_grad=True)
+    loss = module.reconstruction_loss(batch, h)
+    reference = squared_error(torch.from_numpy(dense), module.output_layer(h, batch.covariates))
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-4)
+    wrt = [h, module.output_layer.packed]
+    for got, want in zip(
+        torch.autograd.grad(loss.sum(), wrt), torch.autograd.grad(reference.sum(), wrt), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Each decoder layer sees the one-hot beside its input, as in scVI.
+    widths = [m.in_features for m in module.decoder_body if isinstance(m, torch.nn.Linear)]
+    assert widths == [6 + 3, 4 + 3, 8 + 3]
+
+
+def test_loads_a_format_1_model_file(tmp_path):
+    """Files written before the likelihoods (output layer on the module) still load."""
+    import scvae_tools as sv
+
+    torch.manual_seed(0)
+    config = {"n_latent": 3, "hidden": [16, 8, 4]}
+    model = sv.models.LatentModel("vae", [f"g{i}" for i in range(30)], config)
+    model.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["format_version"] = 1
+    del payload["batch_key"], payload["batch_categories"]
+    payload["state_dict"] = {
+        k.removeprefix("likelihood."): v for k, v in payload["state_dict"].items()
+    }
+    assert "output_layer.packed" in payload["state_dict"]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = sv.models.load(tmp_path / "old.pt")
+    X = np.abs(np.random.default_rng(0).normal(size=(20, 30))).astype(np.float32)
+    np.testing.assert_array_equal(loaded.encode(X), model.encode(X))

@@ -55,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("input", nargs="?", help=".h5ad file (default: pbmc68k_reduced)")
     train.add_argument("-o", "--output", required=True, help="output .h5ad file")
     train.add_argument("--layer", default=None, help="train on this layer instead of X")
+    train.add_argument(
+        "--likelihood",
+        choices=("gaussian", "nb", "zinb", "poisson"),
+        default="gaussian",
+        help="gaussian: squared error on log-normalised data; nb, zinb, poisson: raw counts, "
+        "e.g. with --layer counts (gaussian)",
+    )
+    train.add_argument(
+        "--batch-key",
+        default=None,
+        help="obs column with each cell's batch; its one-hot conditions the decoder (none)",
+    )
     train.add_argument("--beta", type=float, default=2.0, help="KL weight, vae/vsc (2.0)")
     train.add_argument(
         "--kl-warmup",
@@ -112,6 +124,8 @@ def _train(args: argparse.Namespace) -> int:
         "hidden": tuple(args.hidden),
         "first_activation": args.first_activation,
         "layer": args.layer,
+        "likelihood": args.likelihood,
+        "batch_key": args.batch_key,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,

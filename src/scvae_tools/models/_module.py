@@ -55,6 +55,9 @@ class AutoencoderModule(nn.Module):
         ``"poisson"`` (raw counts).
     n_batches
         Number of batch categories whose one-hot conditions the decoder; 0 for none.
+    encode_covariates
+        Feed the one-hot batch to the encoder's first hidden layer too. Off by default: on
+        the benchmark sets it did not mix batches better (see the changelog).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class AutoencoderModule(nn.Module):
         kl_warmup: float = 0.0,
         likelihood: LikelihoodName = "gaussian",
         n_batches: int = 0,
+        encode_covariates: bool = False,
     ):
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
@@ -85,6 +89,9 @@ class AutoencoderModule(nn.Module):
         self.latent = LATENT_TYPES[latent](body[-1], head_widths, n_latent, **kwargs)
         self.decoder_body = ConditionalMLP([n_latent, *reversed(hidden)], n_batches)
         self.likelihood: Likelihood = LIKELIHOODS[likelihood](hidden[0], n_genes, n_batches)
+        self.input_covariates = (
+            nn.Linear(n_batches, hidden[0], bias=False) if encode_covariates and n_batches else None
+        )
 
     @property
     def output_layer(self) -> torch.nn.Module:
@@ -93,8 +100,10 @@ class AutoencoderModule(nn.Module):
 
     def inference(self, batch: Batch, generator: torch.Generator | None = None) -> LatentOutput:
         """Encode a batch: the posterior (or code) of each cell."""
-        x = self.likelihood.encoder_input(batch)
-        h = self.encoder_body(self.first_activation(self.input_layer(x)))
+        h = self.input_layer(self.likelihood.encoder_input(batch))
+        if self.input_covariates is not None:
+            h = h + self.input_covariates(batch.covariates)
+        h = self.encoder_body(self.first_activation(h))
         return self.latent(h, generator)
 
     def generative(self, z: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:

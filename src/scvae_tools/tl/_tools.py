@@ -442,7 +442,8 @@ ae.__doc__ = """Deep autoencoder latent space (write-up section 2.4.1).
     Parameters
     ----------
     adata
-        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised.""" + _doc(
+        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised (raw counts for a
+        count ``likelihood``).""" + _doc(
     "ae", "The bottleneck code of each cell."
 )
 
@@ -455,7 +456,8 @@ vae.__doc__ = (
     Parameters
     ----------
     adata
-        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised.
+        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised (raw counts for a
+        count ``likelihood``).
     beta
         Weight of the KL term."""
     + _KL_WARMUP_DOC
@@ -473,7 +475,8 @@ vsc.__doc__ = (
     Parameters
     ----------
     adata
-        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised.
+        Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised (raw counts for a
+        count ``likelihood``).
     beta
         Weight of the whole KL term (slab and spike)."""
     + _KL_WARMUP_DOC
