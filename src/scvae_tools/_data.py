@@ -107,6 +107,8 @@ def batch_covariates(
 
     Raises
     ------
+    TypeError
+        ``batch_key`` is not a string.
     KeyError
         ``batch_key`` is not a column of ``adata.obs``.
     ValueError
