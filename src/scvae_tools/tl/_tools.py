@@ -451,9 +451,7 @@ ae.__doc__ = """Deep autoencoder latent space (write-up section 2.4.1).
     ----------
     adata
         Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised (raw counts for a
-        count ``likelihood``).""" + _doc(
-    "ae", "The bottleneck code of each cell."
-)
+        count ``likelihood``).""" + _doc("ae", "The bottleneck code of each cell.")
 
 vae.__doc__ = (
     """β-VAE latent space (write-up section 2.4.2; Higgins et al., 2017).
