@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import statistics
 import sys
 import time
@@ -453,9 +454,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"{adata.obs['label'].nunique()} labels"
             )
             lines += scores_markdown(title, table) + targets(name, table)
-            print("\n".join(lines), flush=True)  # each set as soon as it is done
-            report += lines
-            lines = []
             if args.figures:
                 import matplotlib
 
@@ -464,8 +462,16 @@ def main(argv: list[str] | None = None) -> None:
                 out.mkdir(parents=True, exist_ok=True)
                 shown = table.drop(columns="seconds").rename(index=_method_name)
                 ax = sv.pl.integration_scores(shown, show=False)
-                ax.figure.savefig(out / f"integration_{name}.png", dpi=80, bbox_inches="tight")
+                figure = out / f"integration_{name}.png"
+                ax.figure.savefig(figure, dpi=80, bbox_inches="tight")
                 table.to_csv(out / f"integration_{name}.csv")
+                # The report links its figures, relative to where it is written.
+                base = Path(args.output).resolve().parent if args.output else Path.cwd()
+                link = os.path.relpath(figure.resolve(), base)
+                lines += [f"![scIB metrics, {title}]({link})", ""]
+            print("\n".join(lines), flush=True)  # each set as soon as it is done
+            report += lines
+            lines = []
     if not args.no_timing:
         if pbmc is None:
             pbmc, _ = pbmc3k_two_batches(args.shift_sd)
