@@ -472,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(lines), flush=True)  # each set as soon as it is done
             report += lines
             lines = []
+            if args.output:
+                Path(args.output).write_text("\n".join(report))
     if not args.no_timing:
         if pbmc is None:
             pbmc, _ = pbmc3k_two_batches(args.shift_sd)
