@@ -13,6 +13,7 @@ from anndata import AnnData
 
 from .._checks import check_bool, check_choice, check_float, check_int
 from .._data import MinibatchLoader, batch_covariates, get_matrix, validate_matrix
+from .._schedule import Auto, training_schedule
 from .._training import PRECISIONS, Precision, TrainingDivergedError, train
 from ..models._likelihood import LIKELIHOODS, LikelihoodName
 from ..models._model import LatentModel, ModelKind
@@ -66,7 +67,7 @@ def _fit(
     layer: str | None,
     likelihood: LikelihoodName,
     batch_key: str | None,
-    epochs: int,
+    epochs: int | Auto,
     batch_size: int,
     lr: float,
     random_state: int,
@@ -81,8 +82,6 @@ def _fit(
     # input, divergence, Ctrl-C) leaves it exactly as it was.
     n_latent = check_int("n_latent", n_latent)
     hidden = _check_hidden(hidden)
-    epochs = check_int("epochs", epochs)
-    batch_size = check_int("batch_size", batch_size)
     lr = check_float("lr", lr, low=0.0, open_low=True)
     random_state = check_int("random_state", random_state, minimum=0)
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
@@ -105,6 +104,8 @@ def _fit(
 
     X = get_matrix(adata, layer)
     matrix_name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    schedule = training_schedule(X.shape[0], epochs, batch_size)
+    epochs, batch_size = schedule.epochs, schedule.batch_size
     counts_for = likelihood if LIKELIHOODS[likelihood].counts else None
     validate_matrix(X, name=matrix_name, counts_for=counts_for)
 
@@ -127,7 +128,7 @@ def _fit(
         random_state=random_state,
         precision=precision,
         progress=progress,
-        description=f"sv.tl.{kind}",
+        description=f"sv.tl.{kind}: {schedule.describe()}",
     )
     model.module.eval()
     encoded = model._encode_matrix(
@@ -150,6 +151,8 @@ def _fit(
         **({"batch_key": batch_key, "batch_categories": categories} if batch_key else {}),
         "epochs": epochs,
         "batch_size": batch_size,
+        "n_steps": schedule.n_steps,
+        "epochs_auto": schedule.epochs_auto,
         "lr": lr,
         "random_state": random_state,
         "device": str(dev),
@@ -207,7 +210,10 @@ _COMMON_DOC = """
         protocol). Its one-hot is fed to every layer of the decoder (as scVI), so that the
         latent space need not encode the batch. None: one batch (today's model, exactly).
     epochs
-        Passes over all cells.
+        Passes over all cells. ``"auto"``: at least 2,200 optimizer steps (the write-up's 200
+        epochs on PBMC3k), so more epochs below 2,560 cells; otherwise scVI's
+        ``round(8e6 / n_obs)``, capped at 200 (8 epochs for a million cells). An integer is
+        obeyed exactly. The documentation's models page explains the rule.
     batch_size
         Cells per minibatch.
     lr
@@ -245,10 +251,12 @@ _COMMON_DOC = """
     ``adata.uns["{name}"]`` : :class:`dict`
         ``params`` (every argument that shaped the result, plus ``n_obs``, ``n_vars``, the
         ``layer`` used, ``"X"`` for ``adata.X``, the ``likelihood`` and, with a
-        ``batch_key``, the ``batch_categories`` in order), ``history`` (one value per epoch of
-        ``loss`` and each of its terms, averaged over cells: ``reconstruction`` is the
-        squared error, or for a count likelihood the negative log-likelihood of the counts,
-        summed over genes) and ``training_time_s``.
+        ``batch_key``, the ``batch_categories`` in order; ``epochs`` and ``batch_size`` are the
+        values that ran, ``n_steps`` the optimizer steps, and ``epochs_auto`` says whether the
+        rule chose the epochs), ``history`` (one value per epoch of ``loss`` and each of its
+        terms, averaged over cells: ``reconstruction`` is the squared error, or for a count
+        likelihood the negative log-likelihood of the counts, summed over genes) and
+        ``training_time_s``.
 {extra}
     Notes
     -----
@@ -296,7 +304,7 @@ def ae(
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
-    epochs: int = 200,
+    epochs: int | Auto = "auto",
     batch_size: int = 256,
     lr: float = 1e-3,
     random_state: int = 0,
@@ -340,7 +348,7 @@ def vae(
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
-    epochs: int = 200,
+    epochs: int | Auto = "auto",
     batch_size: int = 256,
     lr: float = 1e-3,
     random_state: int = 0,
@@ -391,7 +399,7 @@ def vsc(
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
-    epochs: int = 200,
+    epochs: int | Auto = "auto",
     batch_size: int = 256,
     lr: float = 1e-3,
     random_state: int = 0,
@@ -443,9 +451,7 @@ ae.__doc__ = """Deep autoencoder latent space (write-up section 2.4.1).
     ----------
     adata
         Annotated data matrix of shape ``(n_obs, n_vars)``, log-normalised (raw counts for a
-        count ``likelihood``).""" + _doc(
-    "ae", "The bottleneck code of each cell."
-)
+        count ``likelihood``).""" + _doc("ae", "The bottleneck code of each cell.")
 
 vae.__doc__ = (
     """β-VAE latent space (write-up section 2.4.2; Higgins et al., 2017).
