@@ -56,8 +56,9 @@ class AutoencoderModule(nn.Module):
     n_batches
         Number of batch categories whose one-hot conditions the decoder; 0 for none.
     encode_covariates
-        Feed the one-hot batch to the encoder's first hidden layer too. Off by default: on
-        the benchmark sets it did not mix batches better (see the changelog).
+        Feed the one-hot batch to the encoder's first hidden layer too. Off by default, as
+        scVI's ``encode_covariates``; the tools do not use it yet (whether it helps is not
+        measured).
     """
 
     def __init__(
