@@ -56,8 +56,10 @@ class AutoencoderModule(nn.Module):
     n_batches
         Number of batch categories whose one-hot conditions the decoder; 0 for none.
     encode_covariates
-        Feed the one-hot batch to the encoder's first hidden layer too. Off by default: on
-        the benchmark sets it did not mix batches better (see the changelog).
+        Feed the one-hot batch to the encoder's first hidden layer too. Off by default, as
+        scVI's ``encode_covariates``, and the tools leave it off: on a synthetic two-batch
+        count set (three seeds) it mixed the batches less (kNN fraction from the other batch
+        0.24-0.35 against 0.31-0.40 without), with the labels as pure.
     """
 
     def __init__(
