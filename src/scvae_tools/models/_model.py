@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .._data import MinibatchLoader, get_matrix, validate_matrix
+from .._data import MinibatchLoader, get_matrix, is_backed, validate_matrix
 from ._module import AutoencoderModule, LatentType
 
 __all__ = ["MODEL_LATENT", "LatentModel", "ModelKind", "load"]
@@ -132,16 +132,24 @@ class LatentModel:
         if return_spike and self.kind != "vsc":
             raise ValueError("`return_spike=True` needs a VSC model; this one is " + self.kind)
         X = self._matrix(data, layer)
-        validate_matrix(X, name="the input")
+        # On-disk data is checked for NaN as the encoding reads it.
+        validate_matrix(X, name="the input", first_block_only=is_backed(X))
         return self._encode_matrix(X, batch_size=batch_size, return_spike=return_spike)
 
     def _encode_matrix(
-        self, X: Any, *, batch_size: int = 4096, return_spike: bool = False
+        self,
+        X: Any,
+        *,
+        batch_size: int = 4096,
+        return_spike: bool = False,
+        start: int = 0,
+        stop: int | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """:meth:`encode` for a matrix already checked (the tools validate before training)."""
+        """:meth:`encode` of rows ``start:stop`` of a matrix already checked by the caller."""
         loader = MinibatchLoader(X, batch_size, device=self.device)
-        means, spikes = [], []
-        for batch in loader.sequential(batch_size):
+        empty = np.zeros((0, self.n_latent), dtype=np.float32)
+        means, spikes = [empty], [empty]
+        for batch in loader.sequential(batch_size, start, stop):
             out = self.module.encode(batch)
             means.append(out.mean.float().cpu().numpy())
             if return_spike:

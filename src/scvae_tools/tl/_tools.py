@@ -12,8 +12,15 @@ import torch
 from anndata import AnnData
 
 from .._checks import check_bool, check_choice, check_float, check_int
-from .._data import MinibatchLoader, get_matrix, validate_matrix
-from .._training import PRECISIONS, Precision, TrainingDivergedError, train
+from .._data import MinibatchLoader, check_backed_format, get_matrix, is_backed, validate_matrix
+from .._training import (
+    PRECISIONS,
+    Precision,
+    TrainingDivergedError,
+    gather_rows,
+    process_group,
+    train,
+)
 from ..models._model import LatentModel, ModelKind
 
 __all__ = ["ae", "vae", "vsc"]
@@ -97,7 +104,17 @@ def _fit(
 
     X = get_matrix(adata, layer)
     matrix_name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    validate_matrix(X, name=matrix_name)
+    backed = is_backed(X)
+    if backed:
+        # No pass of its own over data on disk: its NaN/inf check happens as training reads it.
+        check_backed_format(X, name=matrix_name)
+    validate_matrix(X, name=matrix_name, first_block_only=backed)
+    rank, world = process_group()
+    if world > X.shape[0]:
+        raise ValueError(
+            f"{world} data-parallel processes for {X.shape[0]} cells: use at most as many "
+            "processes as cells."
+        )
 
     config = {"n_latent": n_latent, "hidden": list(hidden), **model_options}
     # Weight initialisation draws from torch's global generator: fork it so the caller's random
@@ -106,7 +123,11 @@ def _fit(
         torch.manual_seed(random_state)
         model = LatentModel(kind, adata.var_names, config)
     model.module.to(dev)
-    loader = MinibatchLoader(X, batch_size, device=dev)
+    # batch_size is the minibatch of all processes together, so one process or several take the
+    # same optimisation steps.
+    loader = MinibatchLoader(
+        X, -(-batch_size // world), device=dev, rank=rank, world_size=world, name=matrix_name
+    )
     result = train(
         model.module,
         loader,
@@ -118,8 +139,15 @@ def _fit(
         description=f"sv.tl.{kind}",
     )
     model.module.eval()
-    encoded = model._encode_matrix(X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc")
+    # Each process encodes its contiguous part of the cells; every one gets them all, in order.
+    shard = -(-X.shape[0] // world)
+    start, stop = min(rank * shard, X.shape[0]), min((rank + 1) * shard, X.shape[0])
+    encoded = model._encode_matrix(
+        X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc", start=start, stop=stop
+    )
     rep, spike = encoded if kind == "vsc" else (encoded, None)
+    rep = gather_rows(rep, X.shape[0], dev)
+    spike = None if spike is None else gather_rows(spike, X.shape[0], dev)
     if not np.isfinite(rep).all():
         raise TrainingDivergedError(
             "Training produced non-finite latent values. Try a lower learning rate "
@@ -140,6 +168,8 @@ def _fit(
         "precision": precision,
         "n_obs": int(X.shape[0]),
         "n_vars": int(X.shape[1]),
+        "backed": backed,
+        "n_processes": world,
     }
     record = {
         "params": params,
