@@ -490,7 +490,7 @@ class MinibatchLoader:
             for block in iter_row_blocks(self.X, block_rows, start, stop):
                 yield to_batch(block).to(self.device)
             return
-        step = max(self.window_rows, block_rows)
+        step = self.window_rows
         windows = (np.arange(a, min(a + step, stop)) for a in range(start, stop, step))
         for block, _ in self._read_ahead(windows):
             for i in range(0, block.shape[0], block_rows):
