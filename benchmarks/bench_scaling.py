@@ -416,13 +416,17 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     lines[0] = lines[0].replace("training benchmark", "scaling benchmark")
-    if not args.no_outofcore:
-        lines += outofcore_section(args)
-    if not args.no_pbmc:
-        lines += pbmc_section(args)
+    print("\n".join(lines), flush=True)
+    # Each section is printed as soon as it is done, so a later failure keeps the earlier ones.
+    sections = [] if args.no_outofcore else [outofcore_section]
+    sections += [] if args.no_pbmc else [pbmc_section]
+    for section in sections:
+        part = section(args)
+        print("\n".join(part), flush=True)
+        lines += part
     lines.append(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s.")
+    print(lines[-1])
     report = "\n".join(lines)
-    print(report)
     if args.output:
         args.output.write_text(report + "\n")
 

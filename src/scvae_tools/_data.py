@@ -12,7 +12,7 @@ the GIL while it reads). A file whose cells fit in one window is shuffled exactl
 
 With several processes (``rank``/``world_size``), each epoch's order is split into equal
 contiguous shards, padded by repeating cells from the start of the order as
-:class:`torch.utils.data.DistributedSampler` does, so that every process runs the same number
+``torch.utils.data.DistributedSampler`` does, so that every process runs the same number
 of steps; each process reads only its shard.
 """
 

@@ -2,7 +2,7 @@
 
 Data-parallel training is torch's own: when this process belongs to a ``torch.distributed``
 process group (started by ``scvae-tools train --nproc N`` or by ``torchrun``), the loop wraps the
-module in :class:`~torch.nn.parallel.DistributedDataParallel`, each process trains on its shard
+module in ``DistributedDataParallel``, each process trains on its shard
 of every epoch (:class:`~scvae_tools._data.MinibatchLoader`) and gradients are averaged across
 processes at every step.
 """
@@ -159,7 +159,7 @@ def train(
 
     When ``loader`` is one of several data-parallel processes (``loader.world_size > 1``, a
     ``torch.distributed`` group initialised), the module is wrapped in
-    :class:`~torch.nn.parallel.DistributedDataParallel`: every process draws the same epoch
+    ``DistributedDataParallel``: every process draws the same epoch
     order and trains on its shard of it, all run the same number of steps, and the history is
     the mean over all processes' cells. Latent samples use a generator per process (rank 0's is
     seeded with ``random_state`` itself).

@@ -209,12 +209,16 @@ _COMMON_DOC = """
     epochs
         Passes over all cells.
     batch_size
-        Cells per minibatch.
+        Cells per minibatch (with several data-parallel processes, of all of them together:
+        each takes ``ceil(batch_size / n_processes)``).
     lr
         Adam learning rate.
     random_state
         Seed of the weight initialisation, the minibatch order and the latent samples. Local
         generators are used: the global NumPy and torch random states are left untouched.
+        Backed data is shuffled by blocks of rows (see Notes), so its result differs from
+        the same call in memory unless its cells fit in one read window; the same
+        ``random_state`` gives the same result either way.
     device
         ``"auto"`` (a GPU when torch sees one, else the CPU), ``"cpu"`` or ``"cuda"``.
     precision
@@ -244,8 +248,9 @@ _COMMON_DOC = """
         {rep}
     ``adata.uns["{name}"]`` : :class:`dict`
         ``params`` (every argument that shaped the result, plus ``n_obs``, ``n_vars`` and the
-        ``layer`` used, ``"X"`` for ``adata.X``), ``history`` (one value per epoch of ``loss``
-        and each of its terms, averaged over cells) and ``training_time_s``.
+        ``layer`` used, ``"X"`` for ``adata.X``, ``backed`` and ``n_processes``), ``history``
+        (one value per epoch of ``loss`` and each of its terms, averaged over cells) and
+        ``training_time_s``.
 {extra}
     Notes
     -----
@@ -253,6 +258,21 @@ _COMMON_DOC = """
     ``backed="r"`` work too); sparse data stays sparse. It should be log-normalised
     (``sc.pp.normalize_total`` + ``sc.pp.log1p``): the reconstruction error is the squared error
     summed over genes, averaged over the cells of a minibatch.{beta_note}
+
+    **Out of core.** On ``sc.read_h5ad(path, backed="r")`` (CSR or dense ``X`` on disk; CSC is
+    refused) ``X`` is never loaded: each epoch shuffles the order of blocks of 512 contiguous
+    rows, reads a window of blocks (about 16 million stored values) at a time, shuffles the
+    cells within the window, and a background thread reads the next window meanwhile. NaN and
+    infinite values are found as the epochs read them (an error, nothing written), not in a
+    pass of their own before training; the raw-counts warning looks at the first 8,192 cells
+    only. ``copy=True`` on backed data loads it into memory for the copy.
+
+    **Several processes.** Python calls train in one process. When the call runs inside a
+    ``torch.distributed`` process group (``scvae-tools train --nproc N``, or a script started by
+    ``torchrun``), the module is wrapped in
+    ``DistributedDataParallel``: every process trains on its shard of
+    each epoch, the loss history is the mean over all cells, and every process receives the
+    latent space of all cells, in order. See the Scaling page of the documentation.
 
     Raises
     ------
