@@ -181,9 +181,10 @@ def train(
     module.train()
     objective = module.loss
     if loader.world_size > 1:
-        objective = DistributedDataParallel(
-            _Objective(module), device_ids=[device.index] if device.type == "cuda" else None
-        )
+        gpus = None
+        if device.type == "cuda":
+            gpus = [device.index if device.index is not None else torch.cuda.current_device()]
+        objective = DistributedDataParallel(_Objective(module), device_ids=gpus)
     cells_per_epoch = loader.shard_size * loader.world_size
 
     names: list[str] | None = None
