@@ -2,9 +2,9 @@
 
 Data-parallel training is torch's own: when this process belongs to a ``torch.distributed``
 process group (started by ``scvae-tools train --nproc N`` or by ``torchrun``), the loop wraps the
-module in ``DistributedDataParallel``, each process trains on its shard
-of every epoch (:class:`~scvae_tools._data.MinibatchLoader`) and gradients are averaged across
-processes at every step.
+module in ``DistributedDataParallel``, each process trains on its shard of every epoch
+(:class:`~scvae_tools._data.MinibatchLoader`) and gradients are averaged across processes at
+every step.
 """
 
 from __future__ import annotations
@@ -157,15 +157,16 @@ def train(
     Randomness (minibatch order, latent samples) comes from generators seeded with
     ``random_state``; the global NumPy and torch states are neither used nor changed.
 
-    When ``loader`` is one of several data-parallel processes (``loader.world_size > 1``, a
-    ``torch.distributed`` group initialised), the module is wrapped in
-    ``DistributedDataParallel``: every process draws the same epoch
-    order and trains on its shard of it, all run the same number of steps, and the history is
-    the mean over all processes' cells. Latent samples use a generator per process (rank 0's is
-    seeded with ``random_state`` itself).
     ``precision="bfloat16"`` computes the output layer's products (with the minibatch and its
     Gram matrix) and their gradients in bfloat16
     (:func:`~scvae_tools.models.AutoencoderModule.reconstruction_loss`); all else stays float32.
+
+    When ``loader`` is one of several data-parallel processes (``loader.world_size > 1``, a
+    ``torch.distributed`` group initialised), the module is wrapped in
+    ``DistributedDataParallel``: every process draws the same epoch order and trains on its
+    shard of it, all run the same number of steps, and the history is the mean over all
+    processes' cells. Latent samples use a generator per process (rank 0's is seeded with
+    ``random_state`` itself).
 
     Raises
     ------
