@@ -137,6 +137,7 @@ def reproduce(
     data: str | None = None,
     labels: str | None = None,
     epochs: int = 200,
+    batch_size: int = 256,
     n_seeds: int = 5,
     progress: bool = True,
     random_state: int = 0,
@@ -152,7 +153,9 @@ def reproduce(
     labels
         Label column of ``obs``; see :func:`load_data`.
     epochs
-        Epochs per model. Default 200.
+        Epochs per model. Default 200, the write-up's (the tools' own default is ``"auto"``).
+    batch_size
+        Cells per minibatch. Default 256, the write-up's.
     n_seeds
         Seeds of the t-SNE + k-means protocol. Default 5.
     progress
@@ -179,7 +182,14 @@ def reproduce(
     say(f"data: {source}: {adata.n_obs} cells x {adata.n_vars} genes, labels {label_key!r}")
     timings = {}
     for m in MODELS:
-        getattr(tl, m)(adata, epochs=epochs, random_state=random_state, progress=progress)
+        # The write-up's configuration, not the tools' "auto" number of epochs.
+        getattr(tl, m)(
+            adata,
+            epochs=epochs,
+            batch_size=batch_size,
+            random_state=random_state,
+            progress=progress,
+        )
         timings[m] = (adata.uns[m]["training_time_s"], adata.uns[m]["seconds_per_epoch"])
         say(f"{m}: {timings[m][0]:.1f} s ({timings[m][1]:.3f} s/epoch)")
     summary = tl.evaluate(
@@ -219,8 +229,9 @@ def reproduce(
         "# scvae-tools reproduce",
         "",
         f"Data: {source}, {adata.n_obs} cells x {adata.n_vars} genes; labels "
-        f"`{label_key}` ({adata.obs[label_key].nunique()} classes). {epochs} epochs per model, "
-        f"default hyperparameters, random_state {random_state}. Protocol: t-SNE (perplexity 40) "
+        f"`{label_key}` ({adata.obs[label_key].nunique()} classes). The write-up's training "
+        f"length, {epochs} epochs of batches of {batch_size}, otherwise default hyperparameters, "
+        f"random_state {random_state}. Protocol: t-SNE (perplexity 40) "
         f"of each latent space, k-means (k = number of classes, n_init = 100) on it; mean ± std "
         f"over {n_seeds} seeds.",
         "",

@@ -25,8 +25,23 @@ class WorkerFailedError(RuntimeError):
     """A process of a ``--nproc`` launch failed; the message is its error."""
 
 
+def _int_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=200, help="passes over all cells (200)")
+    parser.add_argument(
+        "--epochs",
+        type=_int_or_auto,
+        default="auto",
+        help="passes over all cells, or 'auto': at least 2,200 steps, else min(200, 8e6 / cells) "
+        "(auto)",
+    )
     parser.add_argument("--n-latent", type=int, default=6, help="latent dimensions (6)")
     parser.add_argument(
         "--hidden", type=int, nargs="+", default=[128, 32, 16], help="encoder widths (128 32 16)"
@@ -118,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("--labels", default=None, help="obs column with the labels")
     reproduce.add_argument("--out", default="scvae_reproduce", help="output folder")
-    reproduce.add_argument("--epochs", type=int, default=200, help="epochs per model (200)")
+    reproduce.add_argument(
+        "--epochs", type=int, default=200, help="epochs per model (200, the write-up's)"
+    )
     reproduce.add_argument(
         "--n-seeds", type=int, default=5, help="seeds of the t-SNE + k-means protocol (5)"
     )
@@ -309,12 +326,13 @@ def _train_in_process(args: argparse.Namespace, device: str) -> int:
     if args.save_model:
         model.save(args.save_model)
     record = adata.uns[key]
+    params = record["params"]
     processes = f" with {world} processes" if world > 1 else ""
     print(
         f"Trained {args.model} on {source} ({adata.n_obs} cells x {adata.n_vars} genes)"
-        f"{processes} in {record['training_time_s']:.1f} s "
-        f"({record['seconds_per_epoch']:.3f} s/epoch); final loss "
-        f"{record['history']['loss'][-1]:.4g}. Wrote obsm[{obsm_key!r}] "
+        f"{processes} for {params['epochs']} epochs of batches of {params['batch_size']} in "
+        f"{record['training_time_s']:.1f} s ({record['seconds_per_epoch']:.3f} s/epoch); "
+        f"final loss {record['history']['loss'][-1]:.4g}. Wrote obsm[{obsm_key!r}] "
         f"{adata.obsm[obsm_key].shape} to {args.output}."
     )
     return 0
