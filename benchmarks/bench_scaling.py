@@ -3,7 +3,7 @@
 
 Usage (from the repository root, under the shared lock, see ``benchmarks/README.md``)::
 
-    python benchmarks/bench_scaling.py            # full run (~20 min on 2 cores)
+    python benchmarks/bench_scaling.py            # full run (long: see benchmarks/README.md)
     python benchmarks/bench_scaling.py --quick    # smoke test: a small file, few epochs
 
 Prints markdown tables on stdout (progress goes to stderr):
