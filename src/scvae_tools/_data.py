@@ -1,14 +1,26 @@
 """The one data path from an AnnData (or a matrix) to minibatches.
 
 Sparse input stays sparse: each minibatch is cut from the CSR matrix and handed to the model as
-CSR tensors, so memory never grows with ``n_cells x n_genes``. AnnData opened with ``backed="r"``
-is read batch by batch from disk.
+CSR tensors, so memory never grows with ``n_cells x n_genes``.
+
+AnnData opened with ``backed="r"`` is trained out of core. Its rows are read in windows of a few
+tens of thousands of cells (:func:`window_rows`): an epoch shuffles the order of blocks of
+:data:`SHUFFLE_BLOCK_ROWS` contiguous rows, reads a window of blocks at a time, shuffles the rows
+within the window and cuts the minibatches from it exactly as from an in-memory matrix. A
+background thread reads the next window while the model trains on the current one (h5py releases
+the GIL while it reads). A file whose cells fit in one window is shuffled exactly as in memory.
+
+With several processes (``rank``/``world_size``), each epoch's order is split into equal
+contiguous shards, padded by repeating cells from the start of the order as
+``torch.utils.data.DistributedSampler`` does, so that every process runs the same number
+of steps; each process reads only its shard.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,11 +32,15 @@ from anndata import AnnData
 from .models._nn import Batch
 
 __all__ = [
+    "SHUFFLE_BLOCK_ROWS",
     "MinibatchLoader",
     "batch_covariates",
+    "check_backed_format",
     "get_matrix",
+    "is_backed",
     "iter_row_blocks",
     "validate_matrix",
+    "window_rows",
 ]
 
 #: Rows read at a time when a whole matrix is scanned (validation, encoding).
@@ -33,6 +49,13 @@ _BLOCK_ROWS = 8192
 # transpose): back-to-back, the cutting runs ~2x faster than between training steps, whose
 # multi-megabyte tensors evict the loader's working set from the caches.
 _CUT_AHEAD_VALUES = 1 << 22
+#: Contiguous rows that backed training reads as one block; the epoch shuffles the blocks' order.
+#: scverse's annbatch reads chunks of the same order (512 rows by default).
+SHUFFLE_BLOCK_ROWS = 512
+# Stored values per window of backed training (~128 MB as float32 values plus int32 indices);
+# about 16,000 cells at 1,000 non-zeros each. Two windows are in memory at a time (the one
+# being trained on and the next, being read), plus the minibatches cut from the first.
+_WINDOW_VALUES = 1 << 24
 
 
 def check_anndata(adata: Any) -> None:
@@ -150,6 +173,28 @@ def _is_backed_sparse(X: Any) -> bool:
     return hasattr(X, "format") and hasattr(X, "group") and not sp.issparse(X)
 
 
+def is_backed(X: Any) -> bool:
+    """Whether ``X`` lives on disk: a backed sparse dataset or an h5py/zarr dense dataset."""
+    if sp.issparse(X) or isinstance(X, np.ndarray):
+        return False
+    return _is_backed_sparse(X) or (hasattr(X, "chunks") and hasattr(X, "dtype"))
+
+
+def check_backed_format(X: Any, *, name: str = "adata.X") -> None:
+    """Raise unless an on-disk ``X`` can be read by rows: CSR or dense, not CSC.
+
+    A CSC matrix on disk stores each gene's cells together, so reading one block of cells reads
+    the whole file; it is refused instead of being read that way.
+    """
+    if _is_backed_sparse(X) and X.format != "csr":
+        raise ValueError(
+            f"{name} is stored on disk as {X.format.upper()}, but out-of-core training reads "
+            "blocks of cells and needs CSR (cells as rows). Rewrite the file as CSR once, e.g. "
+            "`adata = sc.read_h5ad(path); adata.X = adata.X.tocsr(); adata.write_h5ad(path_csr)` "
+            "if it fits in memory, or open it without `backed=` to train in memory."
+        )
+
+
 def _take_rows(X: Any, rows: np.ndarray) -> Any:
     """Rows ``rows`` (sorted) of any supported matrix, in memory."""
     if sp.issparse(X) or isinstance(X, np.ndarray):
@@ -160,33 +205,43 @@ def _take_rows(X: Any, rows: np.ndarray) -> Any:
     return np.asarray(X[rows])
 
 
-def iter_row_blocks(X: Any, block_rows: int = _BLOCK_ROWS) -> Iterator[Any]:
-    """Consecutive row blocks of ``X``, each in memory (dense or CSR)."""
-    n = X.shape[0]
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
+def iter_row_blocks(
+    X: Any, block_rows: int = _BLOCK_ROWS, start: int = 0, stop: int | None = None
+) -> Iterator[Any]:
+    """Consecutive row blocks of rows ``start:stop`` of ``X``, each in memory (dense or CSR)."""
+    n = X.shape[0] if stop is None else stop
+    for first in range(start, n, block_rows):
+        last = min(first + block_rows, n)
         if _is_backed_sparse(X) or sp.issparse(X):
-            yield X[start:stop]
+            yield X[first:last]
         else:
-            yield np.asarray(X[start:stop])
+            yield np.asarray(X[first:last])
 
 
-def validate_matrix(X: Any, *, name: str = "adata.X", counts_for: str | None = None) -> None:
+def validate_matrix(
+    X: Any, *, name: str = "adata.X", counts_for: str | None = None, first_block_only: bool = False
+) -> None:
     """Raise if ``X`` holds NaN or infinite values; scans it block by block.
 
     Also warns once when the values look like raw counts, which the squared-error models are not
     meant for. With ``counts_for`` (the name of a count likelihood), raises instead unless
-    every value is a non-negative integer, and does not warn.
+    every value is a non-negative integer, and does not warn. With ``first_block_only`` only the
+    first block of rows is scanned: for on-disk data, whose NaN/inf check happens as the
+    training and encoding passes read it (:class:`MinibatchLoader`), so that a short call on a
+    huge file reads it no more often than training needs.
     """
     if len(X.shape) != 2:
         raise ValueError(f"{name} must be 2-D (cells x genes), got shape {X.shape}.")
     if counts_for is not None:
-        _validate_counts(X, name, counts_for)
+        _validate_counts(X, name, counts_for, first_block_only)
         return
     bad = 0
     looks_like_counts = True
     max_value = 0.0
-    for block in iter_row_blocks(X):
+    blocks = iter_row_blocks(X)
+    if first_block_only:
+        blocks = [next(iter(blocks))] if X.shape[0] else []
+    for block in blocks:
         values = block.data if sp.issparse(block) else np.asarray(block)
         if values.dtype.kind not in "biuf":
             raise TypeError(
@@ -222,10 +277,13 @@ def validate_matrix(X: Any, *, name: str = "adata.X", counts_for: str | None = N
         )
 
 
-def _validate_counts(X: Any, name: str, likelihood: str) -> None:
+def _validate_counts(X: Any, name: str, likelihood: str, first_block_only: bool = False) -> None:
     problems = {"NaN or infinite": 0, "negative": 0, "non-integer": 0}
     example = None
-    for block in iter_row_blocks(X):
+    blocks = iter_row_blocks(X)
+    if first_block_only:
+        blocks = [next(iter(blocks))] if X.shape[0] else []
+    for block in blocks:
         values = block.data if sp.issparse(block) else np.asarray(block)
         if values.dtype.kind not in "biuf":
             raise TypeError(
@@ -305,21 +363,112 @@ def to_batch(block: Any, *, for_training: bool = False) -> Batch:
     return Batch(n_cells=dense.shape[0], sq_norm=dense_t.pow(2).sum(1), dense=dense_t)
 
 
+def window_rows(values_per_row: float, batch_size: int) -> int:
+    """Rows per window of out-of-core training: a whole number of minibatches, ~16M values."""
+    return max(1, int(_WINDOW_VALUES / (max(values_per_row, 1.0) * batch_size))) * batch_size
+
+
+def _read_into(dataset: Any, lo: int, hi: int, out: np.ndarray, pos: int) -> None:
+    if hi <= lo:
+        return
+    if hasattr(dataset, "read_direct"):  # h5py: straight into ``out``, with the GIL released
+        dataset.read_direct(out, np.s_[lo:hi], np.s_[pos : pos + hi - lo])
+    else:  # zarr
+        out[pos : pos + hi - lo] = dataset[lo:hi]
+
+
+class _RowReader:
+    """Reads sets of rows of an on-disk matrix (CSR, or dense) into memory, run by run.
+
+    The CSR's ``indptr`` (8 bytes per cell) is read once; each read then fetches the values and
+    indices of each run of consecutive rows with one read per array. Every read is checked for
+    NaN and infinite values, which replaces the scan of the whole matrix before training.
+    """
+
+    def __init__(self, X: Any, name: str):
+        check_backed_format(X, name=name)
+        self.X = X
+        self.name = name
+        self.n_genes = int(X.shape[1])
+        self.sparse = _is_backed_sparse(X)
+        if self.sparse:
+            group = X.group
+            self.indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+            self.data, self.indices = group["data"], group["indices"]
+
+    def values_per_row(self) -> float:
+        """Stored values per cell, on average."""
+        if self.sparse:
+            return float(self.indptr[-1]) / max(len(self.indptr) - 1, 1)
+        return float(self.n_genes)
+
+    def read(self, rows: np.ndarray) -> Any:
+        """Rows ``rows`` (sorted, distinct) as one in-memory block, CSR or dense."""
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = rows[np.r_[0, breaks]]
+        stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+        if self.sparse:
+            lengths = self.indptr[rows + 1] - self.indptr[rows]
+            indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            nnz = int(indptr[-1])
+            data = np.empty(nnz, dtype=self.data.dtype)
+            indices = np.empty(nnz, dtype=self.indices.dtype)
+            pos = 0
+            for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+                lo, hi = int(self.indptr[a]), int(self.indptr[b])
+                _read_into(self.data, lo, hi, data, pos)
+                _read_into(self.indices, lo, hi, indices, pos)
+                pos += hi - lo
+            index_dtype = np.int32 if max(nnz, self.n_genes) < 2**31 else np.int64
+            block = sp.csr_matrix(
+                (data, indices.astype(index_dtype, copy=False), indptr.astype(index_dtype)),
+                shape=(len(rows), self.n_genes),
+            )
+            values = data
+        else:
+            block = np.concatenate(
+                [np.asarray(self.X[a:b]) for a, b in zip(starts, stops, strict=True)]
+            )
+            values = block
+        if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            raise ValueError(
+                f"{self.name} contains NaN or infinite value(s) ({bad} among rows {rows[0]} to "
+                f"{rows[-1]}), found while reading it from disk (on-disk data is checked as "
+                "training reads it, not in a pass of its own). Remove or impute them first, "
+                "for example with `np.nan_to_num`, or pick a clean matrix with `layer=`."
+            )
+        return block
+
+
 class MinibatchLoader:
     """Shuffled minibatches of the rows of ``X``, built without a per-cell Dataset.
+
+    In memory, each epoch is a permutation of all cells. On disk (``backed="r"``), each epoch
+    shuffles the order of blocks of :data:`SHUFFLE_BLOCK_ROWS` contiguous rows and the rows
+    within each window of blocks that is read at a time (see the module's docstring); a
+    background thread reads the next window while the current one trains. With several
+    processes, each takes its shard of every epoch's order.
 
     Parameters
     ----------
     X
-        Dense array, SciPy sparse matrix (CSC is converted to CSR once) or backed dataset,
-        shape ``(n_cells, n_genes)``.
+        Dense array, SciPy sparse matrix (CSC is converted to CSR once) or on-disk dataset (CSR
+        or dense; CSC on disk is refused), shape ``(n_cells, n_genes)``.
     batch_size
-        Cells per minibatch; the last one may be smaller.
+        Cells per minibatch of this process; the last one may be smaller.
     device
         Where batches are sent.
     covariates
         Per-cell covariates (the one-hot batch), shape ``(n_cells, n_covariates)``, sliced with
         the rows into each :class:`~scvae_tools.models.Batch`; None for none.
+    rank
+        This process's rank among ``world_size`` data-parallel processes.
+    world_size
+        Number of processes that share each epoch; 1 for one process.
+    name
+        How error messages call ``X`` (``"adata.X"``, ``"adata.layers['counts']"``).
     """
 
     def __init__(
@@ -328,6 +477,10 @@ class MinibatchLoader:
         batch_size: int,
         device: torch.device | str = "cpu",
         covariates: np.ndarray | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        name: str = "adata.X",
     ):
         if sp.issparse(X) and X.format != "csr":
             X = sp.csr_matrix(X)
@@ -336,20 +489,86 @@ class MinibatchLoader:
         self.n_cells = X.shape[0]
         self.batch_size = batch_size
         self.device = torch.device(device)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}.")
+        if world_size > self.n_cells:
+            raise ValueError(
+                f"{world_size} processes for {self.n_cells} cells: each process needs at least "
+                "one cell. Use at most as many processes as cells."
+            )
+        self.rank, self.world_size = rank, world_size
+        #: Cells this process trains on per epoch, the same for every process.
+        self.shard_size = -(-self.n_cells // world_size)
+        self._reader = _RowReader(X, name) if is_backed(X) else None
+        self.window_rows = (
+            window_rows(self._reader.values_per_row(), batch_size) if self._reader else None
+        )
 
     def __len__(self) -> int:
-        return -(-self.n_cells // self.batch_size)
+        return -(-self.shard_size // self.batch_size)
+
+    @property
+    def backed(self) -> bool:
+        """Whether ``X`` is read from disk window by window."""
+        return self._reader is not None
 
     def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
-        """One pass over all cells in an order drawn from ``rng``."""
-        order = rng.permutation(self.n_cells)
+        """One pass over this process's shard of all cells, in an order drawn from ``rng``.
+
+        Every process must pass a generator in the same state: they draw the same global order
+        and each takes its own shard of it.
+        """
+        order = self._order(rng)
+        if self._reader is None:
+            yield from self._cut(self.X, order)
+            return
+        step = self.window_rows
+        windows = [order[i : i + step] for i in range(0, len(order), step)]
+        for block, positions, distinct in self._read_ahead(windows):
+            yield from self._cut(block, positions, distinct)
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        """The cells of this process for one epoch, in training order."""
+        n = self.n_cells
+        if self._reader is None or self.shard_size <= self.window_rows:
+            # In memory, or each shard fits in one window: a full shuffle of all cells.
+            return self._shard(rng.permutation(n))
+        block = SHUFFLE_BLOCK_ROWS
+        starts = rng.permutation(-(-n // block)) * block
+        lengths = np.minimum(starts + block, n) - starts
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        order = self._shard(np.repeat(starts, lengths) + (np.arange(n) - first))
+        # The rows of each window are shuffled from a generator of this process's own, so that
+        # ``rng`` advances alike in every process and they agree on the next epoch's blocks.
+        local = np.random.default_rng([int(rng.integers(2**63)), self.rank])
+        for i in range(0, len(order), self.window_rows):
+            window = order[i : i + self.window_rows]
+            window[:] = window[local.permutation(len(window))]
+        return order
+
+    def _shard(self, order: np.ndarray) -> np.ndarray:
+        """The contiguous part of ``order`` for this process, padded as DistributedSampler pads."""
+        if self.world_size == 1:
+            return order
+        total = self.shard_size * self.world_size
+        if total > len(order):
+            order = np.concatenate([order, order[: total - len(order)]])
+        return order[self.rank * self.shard_size : (self.rank + 1) * self.shard_size]
+
+    def _cut(self, X: Any, order: np.ndarray, row_ids: np.ndarray | None = None) -> Iterator[Batch]:
+        """Minibatches of rows ``order`` of the in-memory ``X``, ``batch_size`` at a time.
+
+        ``row_ids``: the row of the whole matrix of each row of ``X`` (a window read from disk);
+        None when ``X`` is the whole matrix.
+        """
         ready: list[Batch] = []
         held = 0
-        for start in range(0, self.n_cells, self.batch_size):
+        for start in range(0, len(order), self.batch_size):
             # Sorted rows read faster from CSR and from disk; order within a batch is irrelevant.
             rows = np.sort(order[start : start + self.batch_size])
-            batch = to_batch(_take_rows(self.X, rows), for_training=True)
-            batch = self._with_covariates(batch, rows).to(self.device)
+            batch = to_batch(_take_rows(X, rows), for_training=True)
+            ids = rows if row_ids is None else row_ids[rows]
+            batch = self._with_covariates(batch, ids).to(self.device)
             ready.append(batch)
             held += batch.n_values
             if held >= _CUT_AHEAD_VALUES:
@@ -357,15 +576,46 @@ class MinibatchLoader:
                 ready, held = [], 0
         yield from ready
 
-    def sequential(self, block_rows: int = 4096) -> Iterator[Batch]:
-        """All cells in their order, for encoding."""
-        for start, block in zip(
-            range(0, self.n_cells, block_rows), iter_row_blocks(self.X, block_rows), strict=True
-        ):
-            rows = np.arange(start, start + block.shape[0])
-            yield self._with_covariates(to_batch(block), rows).to(self.device)
-
     def _with_covariates(self, batch: Batch, rows: np.ndarray) -> Batch:
         if self.covariates is not None:
             batch.covariates = torch.from_numpy(self.covariates[rows])
         return batch
+
+    def _read_window(self, rows: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+        """The distinct rows of ``rows`` in memory, where each of ``rows`` lies in them, and
+        which rows of the whole matrix they are."""
+        distinct, positions = np.unique(rows, return_inverse=True)
+        return self._reader.read(distinct), positions, distinct
+
+    def _read_ahead(
+        self, windows: Iterable[np.ndarray]
+    ) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        """:meth:`_read_window` of each window, the next read in a thread while one is used."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scvae-read") as pool:
+            pending = None
+            for rows in windows:
+                future = pool.submit(self._read_window, rows)
+                if pending is not None:
+                    yield pending.result()
+                pending = future
+            if pending is not None:
+                yield pending.result()
+
+    def sequential(
+        self, block_rows: int = 4096, start: int = 0, stop: int | None = None
+    ) -> Iterator[Batch]:
+        """Cells ``start:stop`` (default: all) in their order, for encoding."""
+        stop = self.n_cells if stop is None else stop
+        if self._reader is None:
+            first = start
+            for block in iter_row_blocks(self.X, block_rows, start, stop):
+                rows = np.arange(first, first + block.shape[0])
+                first += block.shape[0]
+                yield self._with_covariates(to_batch(block), rows).to(self.device)
+            return
+        step = self.window_rows
+        windows = (np.arange(a, min(a + step, stop)) for a in range(start, stop, step))
+        for block, _, distinct in self._read_ahead(windows):
+            for i in range(0, block.shape[0], block_rows):
+                batch = to_batch(block[i : i + block_rows])
+                yield self._with_covariates(batch, distinct[i : i + block_rows]).to(self.device)

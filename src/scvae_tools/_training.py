@@ -1,4 +1,11 @@
-"""The one training loop shared by all three models."""
+"""The one training loop shared by all three models, in one process or data-parallel.
+
+Data-parallel training is torch's own: when this process belongs to a ``torch.distributed``
+process group (started by ``scvae-tools train --nproc N`` or by ``torchrun``), the loop wraps the
+module in ``DistributedDataParallel``, each process trains on its shard of every epoch
+(:class:`~scvae_tools._data.MinibatchLoader`) and gradients are averaged across processes at
+every step.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +16,27 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ._data import MinibatchLoader
 from .models._module import AutoencoderModule
 
-__all__ = ["PRECISIONS", "Precision", "TrainingDivergedError", "TrainingResult", "train"]
+__all__ = [
+    "PRECISIONS",
+    "Precision",
+    "TrainingDivergedError",
+    "TrainingResult",
+    "gather_rows",
+    "process_group",
+    "train",
+]
 
 Precision = Literal["float32", "bfloat16"]
 #: Type of the output layer's products for each ``precision`` (None: the weights' float32).
@@ -35,6 +53,50 @@ class TrainingResult:
 
     history: dict[str, np.ndarray]
     seconds: float
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process's ``torch.distributed`` group; ``(0, 1)`` if none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(local: np.ndarray, n_total: int, device: torch.device) -> np.ndarray:
+    """Every process's ``local`` rows, concatenated in rank order, on every process.
+
+    Process ``r`` holds rows ``r * s`` to ``(r + 1) * s`` of ``n_total`` (``s`` rows each, the
+    last process fewer); the result has ``n_total`` rows. One ``all_gather`` of padded tensors.
+    """
+    _, world = process_group()
+    if world == 1:
+        return local
+    shard = -(-n_total // world)
+    padded = torch.zeros((shard, *local.shape[1:]), dtype=torch.float32, device=device)
+    padded[: len(local)] = torch.from_numpy(np.ascontiguousarray(local)).to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n_total].cpu().numpy()
+
+
+def _rank_seed(random_state: int, rank: int) -> int:
+    """Seed of the latent samples of process ``rank``: ``random_state`` itself for rank 0."""
+    if rank == 0:
+        return random_state
+    return int(np.random.SeedSequence([random_state, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Objective(nn.Module):
+    """The module's loss as ``forward``, the call that DistributedDataParallel hooks into."""
+
+    def __init__(self, module: AutoencoderModule):
+        super().__init__()
+        self.module = module
+
+    def forward(
+        self, batch: Any, generator: torch.Generator, dtype: torch.dtype | None
+    ) -> dict[str, torch.Tensor]:
+        return self.module.loss(batch, generator, dtype)
 
 
 # glibc's mallopt parameters (malloc.h), and the values its dynamic threshold settles at for
@@ -94,9 +156,17 @@ def train(
 
     Randomness (minibatch order, latent samples) comes from generators seeded with
     ``random_state``; the global NumPy and torch states are neither used nor changed.
+
     ``precision="bfloat16"`` computes the output layer's products (with the minibatch and its
     Gram matrix) and their gradients in bfloat16
     (:func:`~scvae_tools.models.AutoencoderModule.reconstruction_loss`); all else stays float32.
+
+    When ``loader`` is one of several data-parallel processes (``loader.world_size > 1``, a
+    ``torch.distributed`` group initialised), the module is wrapped in
+    ``DistributedDataParallel``: every process draws the same epoch order and trains on its
+    shard of it, all run the same number of steps, and the history is the mean over all
+    processes' cells. Latent samples use a generator per process (rank 0's is seeded with
+    ``random_state`` itself).
 
     Raises
     ------
@@ -107,28 +177,38 @@ def train(
     dtype = PRECISIONS[precision]
     rng = np.random.default_rng(random_state)
     generator = torch.Generator(device=device)
-    generator.manual_seed(random_state)
+    generator.manual_seed(_rank_seed(random_state, loader.rank))
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, fused=True)
     module.train()
+    objective = module.loss
+    if loader.world_size > 1:
+        gpus = None
+        if device.type == "cuda":
+            gpus = [device.index if device.index is not None else torch.cuda.current_device()]
+        objective = DistributedDataParallel(_Objective(module), device_ids=gpus)
+    cells_per_epoch = loader.shard_size * loader.world_size
 
     names: list[str] | None = None
     history: list[list[float]] = []
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=description, unit="epoch", disable=not progress, leave=True)
+    quiet = not progress or loader.rank > 0
+    bar = tqdm(range(epochs), desc=description, unit="epoch", disable=quiet, leave=True)
     with reuse_freed_memory():
         for epoch in bar:
             module.set_progress(epoch / max(epochs - 1, 1))
             totals: torch.Tensor | None = None
             for batch in loader.epoch(rng):
-                terms = module.loss(batch, generator, dtype)
+                terms = objective(batch, generator, dtype)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimizer.step()
                 weighted = torch.stack([t.detach() for t in terms.values()]) * batch.n_cells
                 totals = weighted if totals is None else totals + weighted
                 names = names or list(terms)
-            # One host sync per epoch, not per batch.
-            means = (totals / loader.n_cells).tolist()
+            # One host sync per epoch, not per batch; with several processes, one all_reduce.
+            if loader.world_size > 1:
+                dist.all_reduce(totals)
+            means = (totals / cells_per_epoch).tolist()
             if not np.all(np.isfinite(means)):
                 raise TrainingDivergedError(
                     f"Training diverged: the loss became {means[0]} in epoch {epoch + 1} of "

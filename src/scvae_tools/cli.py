@@ -1,14 +1,28 @@
-"""The ``scvae-tools`` command line."""
+"""The ``scvae-tools`` command line.
+
+``scvae-tools train ... --nproc N`` trains data-parallel on this machine: it starts N processes
+with torch's elastic launcher (what ``torchrun`` runs), each of which runs this same command as a
+worker. Under ``torchrun``, on one machine or several, the command sees the launcher's
+``WORLD_SIZE``/``RANK`` variables and runs as one of its workers. See the Scaling page of the
+documentation.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
 _MODELS = ("ae", "vae", "vsc")
+
+
+class WorkerFailedError(RuntimeError):
+    """A process of a ``--nproc`` launch failed; the message is its error."""
 
 
 def _int_or_auto(value: str) -> int | str:
@@ -94,6 +108,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--key-added", default=None, help="obsm/uns key instead of the default")
     train.add_argument("--save-model", default=None, help="also save the fitted model (.pt)")
+    train.add_argument(
+        "--backed",
+        action="store_true",
+        help="train out of core: read X from disk in shuffled blocks while training instead of "
+        "loading it (needs CSR or dense X on disk); for files larger than memory, and with "
+        "--nproc so that the processes do not each load the whole file. OUT is a copy of the "
+        "input file with the latent space added",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (torch.distributed with "
+        "DistributedDataParallel; gloo on CPUs, NCCL on GPUs); each trains on its shard of the "
+        "cells and --batch-size is split between them. For several machines, start the "
+        "command with torchrun instead (1)",
+    )
     _add_training_options(train)
 
     reproduce = sub.add_parser(
@@ -124,18 +155,155 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launched_world() -> int:
+    """Processes of the launcher that started this one (torchrun, or --nproc); 1 if none."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_train_input(args: argparse.Namespace) -> int:
+    """Check the input before anything starts or is written; returns its number of cells."""
+    import anndata as ad
+    import scanpy as sc
+
+    from ._data import check_backed_format, get_matrix
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}.")
+    if args.nproc > 1 and _launched_world() > 1:
+        raise ValueError(
+            "--nproc was given inside a torchrun launch, which starts the processes itself: "
+            "drop --nproc (torchrun's --nproc-per-node sets their number)."
+        )
+    if args.input is None:
+        if args.backed:
+            raise ValueError("--backed needs an input .h5ad file.")
+        return sc.datasets.pbmc68k_reduced().n_obs
+    path = Path(args.input)
+    if not path.is_file():
+        what = "is a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"Input file {args.input!r} {what}. Pass the path of an .h5ad file, or no input to "
+            "train on pbmc68k_reduced."
+        )
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        X = get_matrix(adata, args.layer)
+        if args.backed:
+            name = "X" if args.layer is None else f"layer {args.layer!r}"
+            check_backed_format(X, name=f"{name} of {args.input}")
+        return adata.n_obs
+    finally:
+        adata.file.close()
+
+
 def _train(args: argparse.Namespace) -> int:
+    n_obs = _check_train_input(args)
+    if args.nproc > n_obs:
+        raise ValueError(
+            f"--nproc {args.nproc} is more than the {n_obs} cells of the input: each process "
+            f"needs at least one cell. Use --nproc {n_obs} or fewer."
+        )
+    if args.nproc > 1:
+        return _launch(args)
+    return _train_worker(args)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run :func:`_train_worker` in ``args.nproc`` processes with torch's elastic launcher."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # torchrun --standalone: a rendezvous on a free local port, no restarts.
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=args.nproc,
+        run_id=f"scvae-tools-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, _spawned_worker)(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        raise WorkerFailedError(f"process {rank} of {args.nproc} failed: {message}") from None
+    return 0
+
+
+def _spawned_worker(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_train_worker)(args)
+
+
+def _train_worker(args: argparse.Namespace) -> int:
+    """Train in this process: alone, or as one worker of a launch (--nproc or torchrun)."""
+    import torch
+    import torch.distributed as dist
+
+    world = _launched_world()
+    device = args.device
+    if world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # The processes of a machine share its cores (torchrun would set 1 thread each).
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        return _train_in_process(args, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _write_backed_output(adata: Any, args: argparse.Namespace, keys: list[str], key: str) -> None:
+    """OUT as a copy of the input file plus the new obsm and uns keys, X never in memory."""
+    import shutil
+
+    import h5py
+    from anndata.io import write_elem
+
+    partial = Path(f"{args.output}.partial")
+    shutil.copyfile(args.input, partial)
+    try:
+        with h5py.File(partial, "r+") as f:
+            if "obsm" not in f:
+                write_elem(f, "obsm", {})
+            if "uns" not in f:
+                write_elem(f, "uns", {})
+            for k in keys:
+                write_elem(f["obsm"], k, adata.obsm[k])
+            write_elem(f["uns"], key, adata.uns[key])
+        os.replace(partial, args.output)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _train_in_process(args: argparse.Namespace, device: str) -> int:
     import anndata as ad
     import scanpy as sc
 
     from . import tl
+    from ._training import process_group
 
     if args.input is None:
         adata = sc.datasets.pbmc68k_reduced()
         source = "scanpy's bundled pbmc68k_reduced"
     else:
-        adata = ad.read_h5ad(args.input)
-        source = args.input
+        adata = ad.read_h5ad(args.input, backed="r" if args.backed else None)
+        source = args.input + (" (backed)" if args.backed else "")
     options = {
         "n_latent": args.n_latent,
         "hidden": tuple(args.hidden),
@@ -147,7 +315,7 @@ def _train(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "random_state": args.seed,
-        "device": args.device,
+        "device": device,
         "precision": args.precision,
         "key_added": args.key_added,
         "progress": not args.quiet,
@@ -159,16 +327,24 @@ def _train(args: argparse.Namespace) -> int:
     if args.model == "vsc":
         options["prior_spike"] = args.prior_spike
     model = getattr(tl, args.model)(adata, **options)
-    adata.write_h5ad(args.output)
+    rank, world = process_group()
+    if rank > 0:  # rank 0 writes for all
+        return 0
+    key = args.key_added or args.model
+    obsm_key = args.key_added or f"X_{args.model}"
+    if args.backed:
+        spike = [f"{obsm_key}_spike"] if args.model == "vsc" else []
+        _write_backed_output(adata, args, [obsm_key, *spike], key)
+    else:
+        adata.write_h5ad(args.output)
     if args.save_model:
         model.save(args.save_model)
-    key = args.key_added or args.model
     record = adata.uns[key]
     params = record["params"]
-    obsm_key = args.key_added or f"X_{args.model}"
+    processes = f" with {world} processes" if world > 1 else ""
     print(
-        f"Trained {args.model} on {source} ({adata.n_obs} cells x {adata.n_vars} genes) for "
-        f"{params['epochs']} epochs of batches of {params['batch_size']} in "
+        f"Trained {args.model} on {source} ({adata.n_obs} cells x {adata.n_vars} genes)"
+        f"{processes} for {params['epochs']} epochs of batches of {params['batch_size']} in "
         f"{record['training_time_s']:.1f} s ({record['seconds_per_epoch']:.3f} s/epoch); "
         f"final loss {record['history']['loss'][-1]:.4g}. Wrote obsm[{obsm_key!r}] "
         f"{adata.obsm[obsm_key].shape} to {args.output}."
@@ -197,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         return _reproduce(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, WorkerFailedError) as err:
         print(f"scvae-tools: error: {err}", file=sys.stderr)
         return 2
 

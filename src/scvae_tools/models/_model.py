@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .._data import MinibatchLoader, batch_covariates, get_matrix, validate_matrix
+from .._data import MinibatchLoader, batch_covariates, get_matrix, is_backed, validate_matrix
 from ._likelihood import LIKELIHOODS
 from ._module import AutoencoderModule, LatentType
 
@@ -159,7 +159,8 @@ class LatentModel:
             raise ValueError("`return_spike=True` needs a VSC model; this one is " + self.kind)
         X = self._matrix(data, layer)
         counts_for = self.likelihood if LIKELIHOODS[self.likelihood].counts else None
-        validate_matrix(X, name="the input", counts_for=counts_for)
+        # On-disk data is checked for NaN as the encoding reads it.
+        validate_matrix(X, name="the input", counts_for=counts_for, first_block_only=is_backed(X))
         covariates = None
         if self.batch_categories and isinstance(data, AnnData):
             covariates, _ = batch_covariates(
@@ -176,11 +177,14 @@ class LatentModel:
         batch_size: int = 4096,
         return_spike: bool = False,
         covariates: np.ndarray | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """:meth:`encode` for a matrix already checked (the tools validate before training)."""
+        """:meth:`encode` of rows ``start:stop`` of a matrix already checked by the caller."""
         loader = MinibatchLoader(X, batch_size, device=self.device, covariates=covariates)
-        means, spikes = [], []
-        for batch in loader.sequential(batch_size):
+        empty = np.zeros((0, self.n_latent), dtype=np.float32)
+        means, spikes = [empty], [empty]
+        for batch in loader.sequential(batch_size, start, stop):
             out = self.module.encode(batch)
             means.append(out.mean.float().cpu().numpy())
             if return_spike:

@@ -12,9 +12,23 @@ import torch
 from anndata import AnnData
 
 from .._checks import check_bool, check_choice, check_float, check_int
-from .._data import MinibatchLoader, batch_covariates, get_matrix, validate_matrix
+from .._data import (
+    MinibatchLoader,
+    batch_covariates,
+    check_backed_format,
+    get_matrix,
+    is_backed,
+    validate_matrix,
+)
 from .._schedule import Auto, training_schedule
-from .._training import PRECISIONS, Precision, TrainingDivergedError, train
+from .._training import (
+    PRECISIONS,
+    Precision,
+    TrainingDivergedError,
+    gather_rows,
+    process_group,
+    train,
+)
 from ..models._likelihood import LIKELIHOODS, LikelihoodName
 from ..models._model import LatentModel, ModelKind
 
@@ -107,7 +121,17 @@ def _fit(
     schedule = training_schedule(X.shape[0], epochs, batch_size)
     epochs, batch_size = schedule.epochs, schedule.batch_size
     counts_for = likelihood if LIKELIHOODS[likelihood].counts else None
-    validate_matrix(X, name=matrix_name, counts_for=counts_for)
+    backed = is_backed(X)
+    if backed:
+        # No pass of its own over data on disk: its NaN/inf check happens as training reads it.
+        check_backed_format(X, name=matrix_name)
+    validate_matrix(X, name=matrix_name, counts_for=counts_for, first_block_only=backed)
+    rank, world = process_group()
+    if world > X.shape[0]:
+        raise ValueError(
+            f"{world} data-parallel processes for {X.shape[0]} cells: use at most as many "
+            "processes as cells."
+        )
 
     config = {"n_latent": n_latent, "hidden": list(hidden), **model_options}
     config["likelihood"] = likelihood
@@ -119,7 +143,17 @@ def _fit(
             kind, adata.var_names, config, batch_key=batch_key, batch_categories=categories
         )
     model.module.to(dev)
-    loader = MinibatchLoader(X, batch_size, device=dev, covariates=covariates)
+    # batch_size is the minibatch of all processes together, so one process or several take the
+    # same optimisation steps.
+    loader = MinibatchLoader(
+        X,
+        -(-batch_size // world),
+        device=dev,
+        covariates=covariates,
+        rank=rank,
+        world_size=world,
+        name=matrix_name,
+    )
     result = train(
         model.module,
         loader,
@@ -131,10 +165,20 @@ def _fit(
         description=f"sv.tl.{kind}: {schedule.describe()}",
     )
     model.module.eval()
+    # Each process encodes its contiguous part of the cells; every one gets them all, in order.
+    shard = -(-X.shape[0] // world)
+    start, stop = min(rank * shard, X.shape[0]), min((rank + 1) * shard, X.shape[0])
     encoded = model._encode_matrix(
-        X, batch_size=max(batch_size, 4096), return_spike=kind == "vsc", covariates=covariates
+        X,
+        batch_size=max(batch_size, 4096),
+        return_spike=kind == "vsc",
+        covariates=covariates,
+        start=start,
+        stop=stop,
     )
     rep, spike = encoded if kind == "vsc" else (encoded, None)
+    rep = gather_rows(rep, X.shape[0], dev)
+    spike = None if spike is None else gather_rows(spike, X.shape[0], dev)
     if not np.isfinite(rep).all():
         raise TrainingDivergedError(
             "Training produced non-finite latent values. Try a lower learning rate "
@@ -159,6 +203,8 @@ def _fit(
         "precision": precision,
         "n_obs": int(X.shape[0]),
         "n_vars": int(X.shape[1]),
+        "backed": backed,
+        "n_processes": world,
     }
     record = {
         "params": params,
@@ -215,12 +261,16 @@ _COMMON_DOC = """
         ``round(8e6 / n_obs)``, capped at 200 (8 epochs for a million cells). An integer is
         obeyed exactly. The documentation's models page explains the rule.
     batch_size
-        Cells per minibatch.
+        Cells per minibatch (with several data-parallel processes, of all of them together:
+        each takes ``ceil(batch_size / n_processes)``).
     lr
         Adam learning rate.
     random_state
         Seed of the weight initialisation, the minibatch order and the latent samples. Local
         generators are used: the global NumPy and torch random states are left untouched.
+        Backed data is shuffled by blocks of rows (see Notes), so its result differs from
+        the same call in memory unless its cells fit in one read window; the same
+        ``random_state`` gives the same result either way.
     device
         ``"auto"`` (a GPU when torch sees one, else the CPU), ``"cpu"`` or ``"cuda"``.
     precision
@@ -250,13 +300,13 @@ _COMMON_DOC = """
         {rep}
     ``adata.uns["{name}"]`` : :class:`dict`
         ``params`` (every argument that shaped the result, plus ``n_obs``, ``n_vars``, the
-        ``layer`` used, ``"X"`` for ``adata.X``, the ``likelihood`` and, with a
-        ``batch_key``, the ``batch_categories`` in order; ``epochs`` and ``batch_size`` are the
-        values that ran, ``n_steps`` the optimizer steps, and ``epochs_auto`` says whether the
-        rule chose the epochs), ``history`` (one value per epoch of ``loss`` and each of its
-        terms, averaged over cells: ``reconstruction`` is the squared error, or for a count
-        likelihood the negative log-likelihood of the counts, summed over genes) and
-        ``training_time_s``.
+        ``layer`` used, ``"X"`` for ``adata.X``, the ``likelihood``, with a ``batch_key`` the
+        ``batch_categories`` in order, ``backed`` and ``n_processes``; ``epochs`` and
+        ``batch_size`` are the values that ran, ``n_steps`` the optimizer steps, and
+        ``epochs_auto`` says whether the rule chose the epochs), ``history`` (one value per
+        epoch of ``loss`` and each of its terms, averaged over cells: ``reconstruction`` is the
+        squared error, or for a count likelihood the negative log-likelihood of the counts,
+        summed over genes) and ``training_time_s``.
 {extra}
     Notes
     -----
@@ -265,6 +315,21 @@ _COMMON_DOC = """
     it should be log-normalised (``sc.pp.normalize_total`` + ``sc.pp.log1p``): the
     reconstruction error is the squared error summed over genes, averaged over the cells of a
     minibatch. Count likelihoods take raw counts.{beta_note}
+
+    **Out of core.** On ``sc.read_h5ad(path, backed="r")`` (CSR or dense ``X`` on disk; CSC is
+    refused) ``X`` is never loaded: each epoch shuffles the order of blocks of 512 contiguous
+    rows, reads a window of blocks (about 16 million stored values) at a time, shuffles the
+    cells within the window, and a background thread reads the next window meanwhile. NaN and
+    infinite values are found as the epochs read them (an error, nothing written), not in a
+    pass of their own before training; the raw-counts warning looks at the first 8,192 cells
+    only. ``copy=True`` on backed data loads it into memory for the copy.
+
+    **Several processes.** Python calls train in one process. When the call runs inside a
+    ``torch.distributed`` process group (``scvae-tools train --nproc N``, or a script started by
+    ``torchrun``), the module is wrapped in
+    ``DistributedDataParallel``: every process trains on its shard of
+    each epoch, the loss history is the mean over all cells, and every process receives the
+    latent space of all cells, in order. See the Scaling page of the documentation.
 
     Raises
     ------
