@@ -582,8 +582,11 @@ class MinibatchLoader:
         return batch
 
     def _read_window(self, rows: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
-        """The distinct rows of ``rows`` in memory, where each of ``rows`` lies in them, and
-        which rows of the whole matrix they are."""
+        """The distinct rows of ``rows`` (in memory), their places, and their row numbers.
+
+        Returns the block of distinct rows, where each of ``rows`` lies in it, and which rows
+        of the whole matrix the block holds (sorted).
+        """
         distinct, positions = np.unique(rows, return_inverse=True)
         return self._reader.read(distinct), positions, distinct
 
