@@ -74,6 +74,8 @@ nitpicky = True
 nitpick_ignore = [
     # anndata: the data container every tool takes.
     ("py:class", "anndata.AnnData"),
+    # torch: the dtype of the likelihoods' and layers' computations.
+    ("py:class", "torch.dtype"),
     ("py:class", "AnnData"),
     # numpy / pandas / scipy: returned arrays and tables.
     ("py:class", "numpy.ndarray"),

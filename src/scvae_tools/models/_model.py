@@ -142,7 +142,7 @@ class LatentModel:
             Layer of an AnnData to encode; None for ``X``.
         batch_key
             For a model trained with a ``batch_key``: the ``obs`` column of an AnnData that
-            holds each cell's batch; None uses the model's own :attr:`batch_key`. Every batch
+            holds each cell's batch; None uses the model's own ``batch_key``. Every batch
             must be one the model was trained on. (The encoder itself is not conditioned on
             the batch, so a matrix is encoded without one.)
         batch_size

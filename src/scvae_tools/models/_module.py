@@ -28,7 +28,7 @@ class AutoencoderModule(nn.Module):
     With ``hidden=(128, 32, 16)`` the encoder is ``n_genes -> 128`` (linear, no activation, as
     written), ``-> 32`` (ReLU), then one ``32 -> 16 -> n_latent`` head per latent parameter; the
     decoder is ``n_latent -> 16 -> 32 -> 128`` (ReLU) ``-> n_genes``, whose last layer and loss
-    are the ``likelihood``'s (:mod:`~scvae_tools.models` ``LIKELIHOODS``). With ``n_batches``,
+    are the ``likelihood``'s (``sv.models.LIKELIHOODS``). With ``n_batches``,
     the one-hot batch is concatenated to the input of every decoder layer (as scVI).
 
     Parameters
