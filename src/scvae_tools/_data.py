@@ -18,6 +18,7 @@ of steps; each process reads only its shard.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -238,10 +239,7 @@ def validate_matrix(
     bad = 0
     looks_like_counts = True
     max_value = 0.0
-    blocks = iter_row_blocks(X)
-    if first_block_only:
-        blocks = [next(iter(blocks))] if X.shape[0] else []
-    for block in blocks:
+    for block in _blocks_to_check(X, first_block_only):
         values = block.data if sp.issparse(block) else np.asarray(block)
         if values.dtype.kind not in "biuf":
             raise TypeError(
@@ -277,13 +275,16 @@ def validate_matrix(
         )
 
 
+def _blocks_to_check(X: Any, first_block_only: bool) -> Iterator[Any]:
+    """The row blocks a validation scans: all of them, or only the first (on-disk data)."""
+    blocks = iter_row_blocks(X)
+    return itertools.islice(blocks, 1) if first_block_only else blocks
+
+
 def _validate_counts(X: Any, name: str, likelihood: str, first_block_only: bool = False) -> None:
     problems = {"NaN or infinite": 0, "negative": 0, "non-integer": 0}
     example = None
-    blocks = iter_row_blocks(X)
-    if first_block_only:
-        blocks = [next(iter(blocks))] if X.shape[0] else []
-    for block in blocks:
+    for block in _blocks_to_check(X, first_block_only):
         values = block.data if sp.issparse(block) else np.asarray(block)
         if values.dtype.kind not in "biuf":
             raise TypeError(
