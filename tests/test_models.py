@@ -224,3 +224,24 @@ def test_loads_a_format_1_model_file(tmp_path):
     loaded = sv.models.load(tmp_path / "old.pt")
     X = np.abs(np.random.default_rng(0).normal(size=(20, 30))).astype(np.float32)
     np.testing.assert_array_equal(loaded.encode(X), model.encode(X))
+
+
+def test_adam_moments_of_idle_weights_are_zeroed_before_they_turn_subnormal():
+    from scvae_tools._training import _SWEEP_STEPS, zero_negligible_moments
+
+    weight = torch.nn.Parameter(torch.ones(100))
+    optimizer = torch.optim.Adam([weight], lr=1e-3)
+    weight.grad = torch.ones(100)
+    optimizer.step()
+    tiny = torch.finfo(torch.float32).tiny
+    # The weight never gets a gradient again (a switched-off unit): its first moment decays
+    # by 0.9 per step and would be subnormal from about step 810 to step 960.
+    for step in range(1, 1200):
+        weight.grad = torch.zeros(100)
+        optimizer.step()
+        if step % _SWEEP_STEPS == 0:
+            zero_negligible_moments(optimizer)
+        for moment in optimizer.state[weight].values():
+            if moment.dim():
+                assert not ((moment != 0) & (moment.abs() < tiny)).any(), step
+    assert optimizer.state[weight]["exp_avg"].abs().max() == 0

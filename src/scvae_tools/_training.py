@@ -141,6 +141,32 @@ def reuse_freed_memory(max_block: int = 64 << 20) -> Iterator[None]:
         libc.malloc_trim(0)
 
 
+#: Adam's moment estimates below this are set to zero every ``_SWEEP_STEPS`` steps.
+_NEGLIGIBLE_MOMENT = 1e-30
+_SWEEP_STEPS = 64
+
+
+@torch.no_grad()
+def zero_negligible_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Set Adam's moment estimates that are too small to move a weight to exactly zero.
+
+    A weight whose gradient stays zero (an output weight of a hidden unit that a ReLU has
+    switched off) keeps a first moment that decays by 0.9 per step. After some 800 steps it
+    becomes a subnormal float, which the CPU computes with tens of times slower than with normal
+    ones, and it stays subnormal for about 150 more steps. On a million cells, steps took 45 %
+    longer from about step 800 on, and the epoch 30 % longer (see the Scaling page). Flushing
+    subnormals to zero in the CPU would need every worker thread of torch's pool; zeroing them
+    here is thread-independent. Below ``1e-30`` a moment moves a weight by less than
+    ``lr * 1e-22`` per step (Adam divides by at least ``eps = 1e-8``), so no result changes
+    beyond float rounding.
+    """
+    for state in optimizer.state.values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = state.get(name)
+            if moment is not None and moment.is_floating_point():
+                moment.masked_fill_(moment.abs() < _NEGLIGIBLE_MOMENT, 0.0)
+
+
 def train(
     module: AutoencoderModule,
     loader: MinibatchLoader,
@@ -193,6 +219,7 @@ def train(
     start = time.perf_counter()
     quiet = not progress or loader.rank > 0
     bar = tqdm(range(epochs), desc=description, unit="epoch", disable=quiet, leave=True)
+    step = 0
     with reuse_freed_memory():
         for epoch in bar:
             module.set_progress(epoch / max(epochs - 1, 1))
@@ -202,6 +229,9 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimizer.step()
+                step += 1
+                if step % _SWEEP_STEPS == 0:
+                    zero_negligible_moments(optimizer)
                 weighted = torch.stack([t.detach() for t in terms.values()]) * batch.n_cells
                 totals = weighted if totals is None else totals + weighted
                 names = names or list(terms)
