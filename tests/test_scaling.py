@@ -213,7 +213,7 @@ def test_cli_two_processes_gloo(tmp_path):
     out, model_path = tmp_path / "out.h5ad", tmp_path / "model.pt"
     cmd = [sys.executable, "-m", "scvae_tools.cli", "train", "vae", str(tmp_path / "in.h5ad")]
     cmd += ["-o", str(out), "--nproc", "2", "--epochs", "6", "--batch-size", "64", "--quiet"]
-    cmd += ["--device", "cpu", "--save-model", str(model_path)]
+    cmd += ["--device", "cpu", "--save-model", str(model_path), "--early-stopping"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -225,6 +225,12 @@ def test_cli_two_processes_gloo(tmp_path):
     assert params["n_processes"] == 2 and params["batch_size"] == 64
     loss = result.uns["vae"]["history"]["loss"]
     assert len(loss) == 6 and loss[-1] < loss[0]
+    # Early stopping in both processes: the same 40 held-out cells, the best epoch's weights
+    # kept (the saved model's, checked below), 361 cells trained on in 6 steps per epoch.
+    held = result.uns["vae"]["history"]["held_out_loss"]
+    assert params["n_held_out"] == 40 and len(held) == 6 and not params["stopped_early"]
+    assert params["best_epoch"] == int(np.argmin(held)) + 1
+    assert params["best_step"] == 6 * params["best_epoch"] and params["n_steps"] == 36
     # Every cell's latent, in the input's order: the saved model encodes each cell to its row.
     rep = result.obsm["X_vae"]
     assert rep.shape == (adata.n_obs, 6) and np.isfinite(rep).all()

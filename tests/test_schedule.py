@@ -123,3 +123,104 @@ def test_cli_epochs_auto_and_bad_value(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main([*args, "--epochs", "lots"])
     assert "integer or 'auto'" in capsys.readouterr().err
+
+
+def _plateau_call(adata, monkeypatch, **options):
+    """A VAE trained far past its best, with a short patience, so that it stops on a plateau."""
+    monkeypatch.setattr(_schedule, "MIN_PATIENCE", 40)
+    return sv.tl.vae(
+        adata,
+        hidden=(16, 8),
+        epochs=150,
+        batch_size=32,
+        lr=3e-3,
+        early_stopping=True,
+        progress=False,
+        return_model=True,
+        **options,
+    )
+
+
+def test_early_stopping_stops_on_a_plateau_and_restores_the_best_weights(monkeypatch):
+    from scvae_tools._training import held_out_loss
+
+    adata = log_adata(n_cells=120, n_genes=30)
+    model = _plateau_call(adata, monkeypatch)
+    params, history = adata.uns["vae"]["params"], adata.uns["vae"]["history"]
+    held = history["held_out_loss"]
+    assert params["early_stopping"] and params["stopped_early"]
+    assert params["max_epochs"] == 150 > params["epochs"] == len(held) == len(history["loss"])
+    # A tenth of the 150 x 4 scheduled steps is more than the (patched) least patience of 40.
+    assert params["n_held_out"] == 12 and params["patience_steps"] == 60
+    # Stopped exactly one patience after the best epoch, whose weights are the model's.
+    steps_per_epoch = -(-108 // 32)
+    assert params["best_step"] == params["best_epoch"] * steps_per_epoch
+    assert params["best_epoch"] == int(np.argmin(held)) + 1
+    since_best = params["n_steps"] - params["best_step"]
+    assert since_best >= 60 > since_best - steps_per_epoch
+    loader = _data.MinibatchLoader(adata.X, 32, held_out=_schedule.held_out_rows(adata.n_obs, 0))
+    assert held_out_loss(model.module, loader.held_out_batches()) == pytest.approx(held.min())
+    np.testing.assert_allclose(model.encode(adata), adata.obsm["X_vae"], rtol=1e-6, atol=1e-6)
+    # The final epoch's weights were worse on the held-out cells than the restored ones.
+    assert held[-1] > held.min()
+
+
+def test_early_stopping_same_random_state_same_split_and_result(monkeypatch):
+    a, b, c = (log_adata(n_cells=120, n_genes=30) for _ in range(3))
+    _plateau_call(a, monkeypatch, random_state=5)
+    _plateau_call(b, monkeypatch, random_state=5)
+    _plateau_call(c, monkeypatch, random_state=6)
+    np.testing.assert_array_equal(a.obsm["X_vae"], b.obsm["X_vae"])
+    np.testing.assert_array_equal(
+        a.uns["vae"]["history"]["held_out_loss"], b.uns["vae"]["history"]["held_out_loss"]
+    )
+    assert not np.array_equal(a.obsm["X_vae"], c.obsm["X_vae"])
+    rows = _schedule.held_out_rows(120, 5)
+    np.testing.assert_array_equal(rows, _schedule.held_out_rows(120, 5))
+    assert not np.array_equal(rows, _schedule.held_out_rows(120, 6))
+    assert len(rows) == len(np.unique(rows)) == 12
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_held_out_cells_are_never_trained_on(tmp_path, backed):
+    import anndata as ad
+
+    adata = log_adata(n_cells=1_100, n_genes=20)
+    X = adata.X
+    if backed:
+        adata.write_h5ad(tmp_path / "a.h5ad")
+        X = ad.read_h5ad(tmp_path / "a.h5ad", backed="r").X
+    held = _schedule.held_out_rows(adata.n_obs, 0)
+    loader = _data.MinibatchLoader(X, 64, held_out=held)
+    if backed:  # small windows, so that the block shuffle of backed data is what runs
+        loader.window_rows = 128
+    order = loader._order(np.random.default_rng(0))
+    assert len(order) == loader.n_train == 1_100 - 110
+    assert not np.isin(order, held).any() and len(np.unique(order)) == len(order)
+    batches = loader.held_out_batches()
+    assert sum(b.n_cells for b in batches) == 110
+    assert sum(b.n_cells for b in loader.epoch(np.random.default_rng(0))) == 990
+
+
+def test_early_stopping_on_too_few_cells_is_a_clear_error():
+    adata = log_adata(n_cells=1, n_genes=10)
+    with pytest.raises(ValueError, match=r"only 1: pass early_stopping=False"):
+        sv.tl.ae(adata, early_stopping=True, progress=False)
+    assert "ae" not in adata.uns
+
+
+def test_cli_early_stopping(tmp_path, capsys, monkeypatch):
+    import anndata as ad
+
+    from scvae_tools.cli import main
+
+    monkeypatch.setattr(_schedule, "MIN_PATIENCE", 10)
+    log_adata(n_cells=80, n_genes=20).write_h5ad(tmp_path / "in.h5ad")
+    args = ["train", "vae", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad")]
+    common = ["--epochs", "300", "--batch-size", "24", "--lr", "0.01", "--hidden", "8", "--quiet"]
+    assert main([*args, *common, "--early-stopping"]) == 0
+    params = ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]
+    assert params["early_stopping"] and params["stopped_early"] and params["n_held_out"] == 8
+    out = capsys.readouterr().out
+    assert f"stopped early at step {params['n_steps']}" in out
+    assert f"weights of step {params['best_step']} restored" in out

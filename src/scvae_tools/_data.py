@@ -470,6 +470,9 @@ class MinibatchLoader:
         Number of processes that share each epoch; 1 for one process.
     name
         How error messages call ``X`` (``"adata.X"``, ``"adata.layers['counts']"``).
+    held_out
+        Rows kept out of training (sorted, distinct), for a held-out loss
+        (:meth:`held_out_batches`); None trains on all rows.
     """
 
     def __init__(
@@ -482,6 +485,7 @@ class MinibatchLoader:
         rank: int = 0,
         world_size: int = 1,
         name: str = "adata.X",
+        held_out: np.ndarray | None = None,
     ):
         if sp.issparse(X) and X.format != "csr":
             X = sp.csr_matrix(X)
@@ -490,16 +494,24 @@ class MinibatchLoader:
         self.n_cells = X.shape[0]
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self.held_out = None if held_out is None else np.unique(np.asarray(held_out, np.int64))
+        self._train_rows: np.ndarray | None = None
+        if self.held_out is not None:
+            self._train_rows = np.setdiff1d(np.arange(self.n_cells), self.held_out)
+            if not len(self._train_rows):
+                raise ValueError("No cells are left to train on after holding some out.")
+        #: Cells trained on: all, or all but the held-out ones.
+        self.n_train = self.n_cells if self._train_rows is None else len(self._train_rows)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}.")
-        if world_size > self.n_cells:
+        if world_size > self.n_train:
             raise ValueError(
-                f"{world_size} processes for {self.n_cells} cells: each process needs at least "
+                f"{world_size} processes for {self.n_train} cells: each process needs at least "
                 "one cell. Use at most as many processes as cells."
             )
         self.rank, self.world_size = rank, world_size
         #: Cells this process trains on per epoch, the same for every process.
-        self.shard_size = -(-self.n_cells // world_size)
+        self.shard_size = -(-self.n_train // world_size)
         self._reader = _RowReader(X, name) if is_backed(X) else None
         self.window_rows = (
             window_rows(self._reader.values_per_row(), batch_size) if self._reader else None
@@ -528,17 +540,36 @@ class MinibatchLoader:
         for block, positions, distinct in self._read_ahead(windows):
             yield from self._cut(block, positions, distinct)
 
+    def held_out_batches(self, block_rows: int = 4096) -> list[Batch]:
+        """The held-out rows as minibatches on :attr:`device`, read once (empty if none)."""
+        if self.held_out is None:
+            return []
+        rows = self.held_out
+        block = self._reader.read(rows) if self._reader is not None else _take_rows(self.X, rows)
+        batches = []
+        for i in range(0, len(rows), block_rows):
+            batch = to_batch(block[i : i + block_rows])
+            batches.append(self._with_covariates(batch, rows[i : i + block_rows]).to(self.device))
+        return batches
+
     def _order(self, rng: np.random.Generator) -> np.ndarray:
         """The cells of this process for one epoch, in training order."""
         n = self.n_cells
         if self._reader is None or self.shard_size <= self.window_rows:
             # In memory, or each shard fits in one window: a full shuffle of all cells.
+            if self._train_rows is not None:
+                return self._shard(rng.permutation(self._train_rows))
             return self._shard(rng.permutation(n))
         block = SHUFFLE_BLOCK_ROWS
         starts = rng.permutation(-(-n // block)) * block
         lengths = np.minimum(starts + block, n) - starts
         first = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        order = self._shard(np.repeat(starts, lengths) + (np.arange(n) - first))
+        order = np.repeat(starts, lengths) + (np.arange(n) - first)
+        if self._train_rows is not None:
+            keep = np.ones(n, dtype=bool)
+            keep[self.held_out] = False
+            order = order[keep[order]]
+        order = self._shard(order)
         # The rows of each window are shuffled from a generator of this process's own, so that
         # ``rng`` advances alike in every process and they agree on the next epoch's blocks.
         local = np.random.default_rng([int(rng.integers(2**63)), self.rank])

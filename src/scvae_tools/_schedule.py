@@ -20,9 +20,22 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from ._checks import check_int
 
-__all__ = ["MAX_EPOCHS", "MIN_STEPS", "Auto", "Schedule", "auto_epochs", "training_schedule"]
+__all__ = [
+    "HELD_OUT_FRACTION",
+    "MAX_EPOCHS",
+    "MAX_HELD_OUT",
+    "MIN_STEPS",
+    "Auto",
+    "Schedule",
+    "auto_epochs",
+    "held_out_rows",
+    "patience_steps",
+    "training_schedule",
+]
 
 Auto = Literal["auto"]
 
@@ -32,6 +45,12 @@ MAX_EPOCHS = 200
 CELL_VISITS = 8_000_000
 #: The fewest optimizer steps ``epochs="auto"`` runs: the write-up's on PBMC3k (200 x 11).
 MIN_STEPS = 2_200
+#: Share of the cells held out for early stopping (scvi-tools' ``train_size=0.9``) ...
+HELD_OUT_FRACTION = 0.1
+#: ... and the most cells held out: their loss is computed after every epoch.
+MAX_HELD_OUT = 10_000
+#: Optimizer steps without a better held-out loss after which early stopping stops, at least.
+MIN_PATIENCE = 300
 
 
 @dataclass(frozen=True)
@@ -119,3 +138,32 @@ def training_schedule(n_cells: int, epochs: int | Auto, batch_size: int) -> Sche
     if isinstance(epochs, str):
         raise ValueError(f"`epochs` must be a positive integer or 'auto', got {epochs!r}.")
     return Schedule(check_int("epochs", epochs), batch_size, int(n_cells), False)
+
+
+def held_out_rows(n_cells: int, random_state: int) -> np.ndarray:
+    """The cells held out for early stopping: 10 % (at most 10,000, at least 1), sorted.
+
+    Drawn from their own generator, seeded with ``random_state``: the same ``random_state``
+    always holds the same cells out.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 cells.
+    """
+    if n_cells < 2:
+        raise ValueError(
+            f"Early stopping holds cells out of training, but there are only {n_cells}: pass "
+            "early_stopping=False."
+        )
+    n_held = min(max(1, round(HELD_OUT_FRACTION * n_cells)), MAX_HELD_OUT)
+    rng = np.random.default_rng([random_state, 0x5E1D])
+    return np.sort(rng.choice(n_cells, n_held, replace=False))
+
+
+def patience_steps(schedule: Schedule) -> int:
+    """Steps without a better held-out loss after which training stops.
+
+    :data:`MIN_PATIENCE`, or a tenth of the scheduled steps when that is more.
+    """
+    return max(MIN_PATIENCE, schedule.n_steps // 10)

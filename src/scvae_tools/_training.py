@@ -30,10 +30,12 @@ from .models._module import AutoencoderModule
 
 __all__ = [
     "PRECISIONS",
+    "EarlyStopping",
     "Precision",
     "TrainingDivergedError",
     "TrainingResult",
     "gather_rows",
+    "held_out_loss",
     "process_group",
     "train",
 ]
@@ -49,10 +51,58 @@ class TrainingDivergedError(FloatingPointError):
 
 @dataclass
 class TrainingResult:
-    """Per-epoch history of each loss term, and the wall time of training."""
+    """Per-epoch history of each loss term, the wall time, and where early stopping stopped.
+
+    ``history`` has one value per epoch run of each loss term (and of ``"held_out_loss"`` with
+    early stopping). ``epochs`` and ``steps`` are what ran; ``best_epoch`` and ``best_step``
+    (1-based) are where the restored weights come from, None without early stopping.
+    """
 
     history: dict[str, np.ndarray]
     seconds: float
+    epochs: int = 0
+    steps: int = 0
+    best_epoch: int | None = None
+    best_step: int | None = None
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """When to stop: the held-out loss has not improved for ``patience`` optimizer steps.
+
+    Attributes
+    ----------
+    patience
+        Optimizer steps without a new best held-out loss after which training stops (checked
+        at the end of each epoch).
+    min_delta
+        Relative improvement of the held-out loss that counts as a new best.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+
+
+@torch.no_grad()
+def held_out_loss(module: AutoencoderModule, batches: list[Any]) -> float:
+    """Mean over the held-out cells of ``reconstruction + beta * kl``, in evaluation mode.
+
+    The full ``beta`` is used even during a KL warm-up, so that the values of all epochs are
+    comparable; the latent code is the posterior mean (no sampling), so the value depends on the
+    weights alone.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        total, cells = 0.0, 0
+        for batch in batches:
+            terms = module.loss(batch)
+            loss = terms["reconstruction"] + module.beta * terms.get("kl", 0.0)
+            total += float(loss) * batch.n_cells
+            cells += batch.n_cells
+        return total / max(cells, 1)
+    finally:
+        module.train(was_training)
 
 
 def process_group() -> tuple[int, int]:
@@ -177,6 +227,7 @@ def train(
     precision: Precision = "float32",
     progress: bool = True,
     description: str = "training",
+    early_stopping: EarlyStopping | None = None,
 ) -> TrainingResult:
     """Fit ``module`` with Adam, one pass over ``loader`` per epoch.
 
@@ -193,6 +244,12 @@ def train(
     shard of it, all run the same number of steps, and the history is the mean over all
     processes' cells. Latent samples use a generator per process (rank 0's is seeded with
     ``random_state`` itself).
+
+    With ``early_stopping``, the loss of ``loader``'s held-out cells
+    (:meth:`~scvae_tools._data.MinibatchLoader.held_out_batches`, :func:`held_out_loss`) is
+    computed after every epoch and recorded as ``history["held_out_loss"]``; training stops once
+    it has not improved for ``early_stopping.patience`` steps, and the weights of its best epoch
+    are restored. Every process computes the same value from the same weights.
 
     Raises
     ------
@@ -216,6 +273,11 @@ def train(
 
     names: list[str] | None = None
     history: list[list[float]] = []
+    held_out = loader.held_out_batches() if early_stopping is not None else []
+    if early_stopping is not None and not held_out:
+        raise ValueError("Early stopping needs held-out cells: pass `held_out` to the loader.")
+    held_history: list[float] = []
+    best: tuple[float, int, int, dict[str, torch.Tensor]] | None = None
     start = time.perf_counter()
     quiet = not progress or loader.rank > 0
     bar = tqdm(range(epochs), desc=description, unit="epoch", disable=quiet, leave=True)
@@ -246,7 +308,32 @@ def train(
                     "or check the input's scale."
                 )
             history.append(means)
-            bar.set_postfix(loss=f"{means[0]:.4g}", refresh=False)
+            if early_stopping is None:
+                bar.set_postfix(loss=f"{means[0]:.4g}", refresh=False)
+                continue
+            value = held_out_loss(module, held_out)
+            if not np.isfinite(value):
+                raise TrainingDivergedError(
+                    f"Training diverged: the held-out loss became {value} in epoch {epoch + 1}. "
+                    f"Try a lower learning rate (lr={lr:g} now, e.g. lr={lr / 10:g})."
+                )
+            held_history.append(value)
+            if best is None or value < best[0] - early_stopping.min_delta * abs(best[0]):
+                # A copy, not a reference: the optimizer updates the parameters in place.
+                state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                best = (value, epoch + 1, step, state)
+            bar.set_postfix(loss=f"{means[0]:.4g}", held_out=f"{value:.4g}", refresh=False)
+            if step - best[2] >= early_stopping.patience:
+                bar.set_description(f"{description}, stopped early at step {step}", refresh=False)
+                break
+    bar.close()
     seconds = time.perf_counter() - start
     values = np.asarray(history, dtype=np.float64).reshape(len(history), -1)
-    return TrainingResult({n: values[:, i] for i, n in enumerate(names or [])}, seconds)
+    result = TrainingResult(
+        {n: values[:, i] for i, n in enumerate(names or [])}, seconds, len(history), step
+    )
+    if best is not None:
+        module.load_state_dict(best[3])
+        result.history["held_out_loss"] = np.asarray(held_history, dtype=np.float64)
+        result.best_epoch, result.best_step = best[1], best[2]
+    return result

@@ -52,6 +52,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="a ReLU after the encoder's first layer (the write-up has none)",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
+    parser.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="hold 10%% of the cells out and stop when their loss stops improving (off)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="random_state (0)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
@@ -313,6 +318,7 @@ def _train_in_process(args: argparse.Namespace, device: str) -> int:
         "batch_key": args.batch_key,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        "early_stopping": args.early_stopping,
         "lr": args.lr,
         "random_state": args.seed,
         "device": device,
@@ -344,12 +350,25 @@ def _train_in_process(args: argparse.Namespace, device: str) -> int:
     processes = f" with {world} processes" if world > 1 else ""
     print(
         f"Trained {args.model} on {source} ({adata.n_obs} cells x {adata.n_vars} genes)"
-        f"{processes} for {params['epochs']} epochs of batches of {params['batch_size']} in "
+        f"{processes} for {params['epochs']} epochs of batches of {params['batch_size']}"
+        f"{_stopped(params)} in "
         f"{record['training_time_s']:.1f} s ({record['seconds_per_epoch']:.3f} s/epoch); "
         f"final loss {record['history']['loss'][-1]:.4g}. Wrote obsm[{obsm_key!r}] "
         f"{adata.obsm[obsm_key].shape} to {args.output}."
     )
     return 0
+
+
+def _stopped(params: dict) -> str:
+    """Where early stopping stopped, for the summary line; empty without it."""
+    if not params.get("early_stopping"):
+        return ""
+    if not params["stopped_early"]:
+        return f" (no early stop; best held-out loss at step {params['best_step']})"
+    return (
+        f" (stopped early at step {params['n_steps']}, weights of step {params['best_step']} "
+        "restored)"
+    )
 
 
 def _reproduce(args: argparse.Namespace) -> int:

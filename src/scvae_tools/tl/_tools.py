@@ -20,9 +20,10 @@ from .._data import (
     is_backed,
     validate_matrix,
 )
-from .._schedule import Auto, training_schedule
+from .._schedule import Auto, held_out_rows, patience_steps, training_schedule
 from .._training import (
     PRECISIONS,
+    EarlyStopping,
     Precision,
     TrainingDivergedError,
     gather_rows,
@@ -83,6 +84,7 @@ def _fit(
     batch_key: str | None,
     epochs: int | Auto,
     batch_size: int,
+    early_stopping: bool,
     lr: float,
     random_state: int,
     device: Device,
@@ -98,6 +100,7 @@ def _fit(
     hidden = _check_hidden(hidden)
     lr = check_float("lr", lr, low=0.0, open_low=True)
     random_state = check_int("random_state", random_state, minimum=0)
+    early_stopping = check_bool("early_stopping", early_stopping)
     if key_added is not None and (not isinstance(key_added, str) or not key_added):
         raise ValueError(f"`key_added` must be a non-empty string or None, got {key_added!r}.")
     dev = resolve_device(device)
@@ -118,8 +121,11 @@ def _fit(
 
     X = get_matrix(adata, layer)
     matrix_name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    schedule = training_schedule(X.shape[0], epochs, batch_size)
-    epochs, batch_size = schedule.epochs, schedule.batch_size
+    held = held_out_rows(X.shape[0], random_state) if early_stopping else None
+    n_train = X.shape[0] - (0 if held is None else len(held))
+    schedule = training_schedule(n_train, epochs, batch_size)
+    batch_size = schedule.batch_size
+    stopper = EarlyStopping(patience_steps(schedule)) if early_stopping else None
     counts_for = likelihood if LIKELIHOODS[likelihood].counts else None
     backed = is_backed(X)
     if backed:
@@ -127,10 +133,10 @@ def _fit(
         check_backed_format(X, name=matrix_name)
     validate_matrix(X, name=matrix_name, counts_for=counts_for, first_block_only=backed)
     rank, world = process_group()
-    if world > X.shape[0]:
+    if world > n_train:
         raise ValueError(
-            f"{world} data-parallel processes for {X.shape[0]} cells: use at most as many "
-            "processes as cells."
+            f"{world} data-parallel processes for {n_train} training cells: use at most as "
+            "many processes as cells."
         )
 
     config = {"n_latent": n_latent, "hidden": list(hidden), **model_options}
@@ -153,16 +159,21 @@ def _fit(
         rank=rank,
         world_size=world,
         name=matrix_name,
+        held_out=held,
     )
+    description = f"sv.tl.{kind}: {schedule.describe()}"
+    if stopper is not None:
+        description += f", early stopping on {len(held)} held-out cells"
     result = train(
         model.module,
         loader,
-        epochs=epochs,
+        epochs=schedule.epochs,
         lr=lr,
         random_state=random_state,
         precision=precision,
         progress=progress,
-        description=f"sv.tl.{kind}: {schedule.describe()}",
+        description=description,
+        early_stopping=stopper,
     )
     model.module.eval()
     # Each process encodes its contiguous part of the cells; every one gets them all, in order.
@@ -193,10 +204,23 @@ def _fit(
         "layer": "X" if layer is None else layer,
         "likelihood": likelihood,
         **({"batch_key": batch_key, "batch_categories": categories} if batch_key else {}),
-        "epochs": epochs,
+        "epochs": result.epochs,
         "batch_size": batch_size,
-        "n_steps": schedule.n_steps,
+        "n_steps": result.steps,
         "epochs_auto": schedule.epochs_auto,
+        "early_stopping": early_stopping,
+        **(
+            {
+                "max_epochs": schedule.epochs,
+                "n_held_out": len(held),
+                "patience_steps": stopper.patience,
+                "stopped_early": result.epochs < schedule.epochs,
+                "best_epoch": result.best_epoch,
+                "best_step": result.best_step,
+            }
+            if stopper is not None
+            else {}
+        ),
         "lr": lr,
         "random_state": random_state,
         "device": str(dev),
@@ -210,7 +234,7 @@ def _fit(
         "params": params,
         "history": result.history,
         "training_time_s": result.seconds,
-        "seconds_per_epoch": result.seconds / epochs,
+        "seconds_per_epoch": result.seconds / result.epochs,
     }
 
     target = adata.to_memory() if copy and adata.isbacked else adata.copy() if copy else adata
@@ -263,6 +287,14 @@ _COMMON_DOC = """
     batch_size
         Cells per minibatch (with several data-parallel processes, of all of them together:
         each takes ``ceil(batch_size / n_processes)``).
+    early_stopping
+        Hold 10 % of the cells out of training (at most 10,000, drawn with ``random_state``),
+        compute their loss after every epoch, stop once it has not improved for
+        ``max(300, n_steps / 10)`` optimizer steps, and restore the weights of the best epoch,
+        as scvi-tools' ``early_stopping``. ``epochs`` (or ``"auto"``'s choice, for the other
+        90 % of the cells) is then the most that run. The held-out cells are encoded like the
+        others. Off by default: see the models page of the documentation for what it changed
+        on small and large data.
     lr
         Adam learning rate.
     random_state
@@ -303,10 +335,14 @@ _COMMON_DOC = """
         ``layer`` used, ``"X"`` for ``adata.X``, the ``likelihood``, with a ``batch_key`` the
         ``batch_categories`` in order, ``backed`` and ``n_processes``; ``epochs`` and
         ``batch_size`` are the values that ran, ``n_steps`` the optimizer steps, and
-        ``epochs_auto`` says whether the rule chose the epochs), ``history`` (one value per
+        ``epochs_auto`` says whether the rule chose the epochs; with ``early_stopping``, also
+        ``max_epochs``, ``n_held_out``, ``patience_steps``, ``stopped_early`` and the
+        ``best_epoch`` and ``best_step`` whose weights were kept), ``history`` (one value per
         epoch of ``loss`` and each of its terms, averaged over cells: ``reconstruction`` is the
         squared error, or for a count likelihood the negative log-likelihood of the counts,
-        summed over genes) and ``training_time_s``.
+        summed over genes; with ``early_stopping``, ``held_out_loss``, the loss of the
+        held-out cells with the full ``beta`` and the posterior mean as code),
+        ``training_time_s`` and ``seconds_per_epoch``.
 {extra}
     Notes
     -----
@@ -371,6 +407,7 @@ def ae(
     batch_key: str | None = None,
     epochs: int | Auto = "auto",
     batch_size: int = 256,
+    early_stopping: bool = False,
     lr: float = 1e-3,
     random_state: int = 0,
     device: Device = "auto",
@@ -391,6 +428,7 @@ def ae(
         batch_key=batch_key,
         epochs=epochs,
         batch_size=batch_size,
+        early_stopping=early_stopping,
         lr=lr,
         random_state=random_state,
         device=device,
@@ -415,6 +453,7 @@ def vae(
     batch_key: str | None = None,
     epochs: int | Auto = "auto",
     batch_size: int = 256,
+    early_stopping: bool = False,
     lr: float = 1e-3,
     random_state: int = 0,
     device: Device = "auto",
@@ -441,6 +480,7 @@ def vae(
         batch_key=batch_key,
         epochs=epochs,
         batch_size=batch_size,
+        early_stopping=early_stopping,
         lr=lr,
         random_state=random_state,
         device=device,
@@ -466,6 +506,7 @@ def vsc(
     batch_key: str | None = None,
     epochs: int | Auto = "auto",
     batch_size: int = 256,
+    early_stopping: bool = False,
     lr: float = 1e-3,
     random_state: int = 0,
     device: Device = "auto",
@@ -496,6 +537,7 @@ def vsc(
         batch_key=batch_key,
         epochs=epochs,
         batch_size=batch_size,
+        early_stopping=early_stopping,
         lr=lr,
         random_state=random_state,
         device=device,
