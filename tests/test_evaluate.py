@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import sys
 
 import anndata as ad
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,15 +103,15 @@ def test_evaluate_results_written_to_h5ad(tmp_path):
 @pytest.mark.parametrize(
     ("change", "kwargs", "error", "match"),
     [
-        (None, {"label_key": "nope"}, KeyError, "no column 'nope'.*group"),
+        (None, {"label_key": "nope"}, KeyError, "label_key='nope' is not a column.*'group'"),
         (None, {"reps": ("X_missing",)}, KeyError, "no 'X_missing'.*X_good"),
-        ("nan_label", {}, ValueError, "no 'group' label"),
+        ("nan_label", {}, ValueError, r"'group'\] has 1 missing value.*needs a label"),
         ("one_class", {}, ValueError, "single class"),
         ("nan_rep", {}, ValueError, "NaN or infinite"),
         (None, {"perplexity": 1000}, ValueError, "perplexity"),
         (None, {"n_seeds": 0}, ValueError, "n_seeds"),
-        (None, {"batch_key": "nope"}, KeyError, "no batch column 'nope'.*group"),
-        ("nan_batch", {"batch_key": "batch"}, ValueError, "1 cells have no 'batch' batch"),
+        (None, {"batch_key": "nope"}, KeyError, "batch_key='nope' is not a column.*'group'"),
+        ("nan_batch", {"batch_key": "batch"}, ValueError, r"1 missing value.*needs a batch"),
         ("one_batch", {"batch_key": "batch"}, ValueError, "single batch.*at least two"),
         (None, {"protocol": False}, ValueError, "protocol=False leaves nothing"),
     ],
@@ -345,6 +346,7 @@ def test_tsne3d_writes_a_3d_embedding_scanpy_can_plot():
     assert nn_agreement(emb) > 0.85 > 0.55 > nn_agreement(adata.obsm["X_t3"])
     ax = sc.pl.embedding(adata, "tsne3d", projection="3d", color="group", show=False)
     assert ax.name == "3d"
+    plt.close(ax.figure)  # tests of sv.pl check that no figure is left open
     with pytest.raises(KeyError, match="X_nope"):
         sv.tl.tsne3d(adata, "X_nope")
 

@@ -243,7 +243,7 @@ def test_tsne_kmeans_errors_say_what_to_do(adata):
     del no_kmeans.obs["kmeans_ae"]
     with pytest.raises(KeyError, match=r"obs\['kmeans_ae'\] not found .*run sv.tl.evaluate"):
         sv.pl.tsne_kmeans(no_kmeans, "cell_type", reps=["X_ae"])
-    with pytest.raises(KeyError, match=r"'celltype' is not a column of adata.obs"):
+    with pytest.raises(KeyError, match=r"label_key='celltype' is not a column of adata.obs"):
         sv.pl.tsne_kmeans(adata, "celltype", reps=["X_ae"])
     assert plt.get_fignums() == []
 
@@ -313,7 +313,7 @@ def test_spike_probabilities_groupby_heatmap(adata):
 def test_spike_probabilities_errors(adata):
     with pytest.raises(KeyError, match=r"obsm\['X_spike'\] not found: run sv.tl.vsc"):
         sv.pl.spike_probabilities(adata, "X_spike")
-    with pytest.raises(KeyError, match=r"groupby 'type' is not a column.*'cell_type'"):
+    with pytest.raises(KeyError, match=r"groupby='type' is not a column.*'cell_type'"):
         sv.pl.spike_probabilities(adata, groupby="type")
     with pytest.raises(ValueError, match=r"outside \[0, 1\].*not its latent code"):
         sv.pl.spike_probabilities(adata, "X_vsc")

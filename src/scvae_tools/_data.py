@@ -40,6 +40,7 @@ __all__ = [
     "get_matrix",
     "is_backed",
     "iter_row_blocks",
+    "obs_column",
     "validate_matrix",
     "window_rows",
 ]
@@ -110,6 +111,61 @@ def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
     return adata.X
 
 
+def obs_column(
+    adata: AnnData, key: Any, *, argument: str, what: str, allow_missing: bool = False
+) -> np.ndarray:
+    """The values of column ``adata.obs[key]`` as strings, after checking it can serve.
+
+    The one check of an obs column named by an argument (a batch, a label, a grouping), so that
+    every tool words the same problem the same way.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of shape ``(n_obs, n_vars)``.
+    key
+        The column's name.
+    argument
+        The argument that named it, for the messages (``"batch_key"``).
+    what
+        What each cell's value is, for the messages (``"batch"``, ``"label"``).
+    allow_missing
+        Accept missing values (they become ``"nan"``).
+
+    Returns
+    -------
+    The values, a string array of shape ``(n_obs,)``.
+
+    Raises
+    ------
+    TypeError
+        ``key`` is not a non-empty string.
+    KeyError
+        ``key`` is not a column of ``adata.obs``; names the columns there.
+    ValueError
+        The column has missing values (unless ``allow_missing``); names how many and the
+        first cells.
+    """
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"`{argument}` must be a column name of adata.obs, got {key!r}.")
+    if key not in adata.obs.columns:
+        present = ", ".join(repr(c) for c in adata.obs.columns[:20]) or "none"
+        raise KeyError(
+            f"{argument}={key!r} is not a column of adata.obs (columns: {present}). Add the "
+            f"{what} of each cell there, or pass the name of the column that holds it."
+        )
+    column = adata.obs[key]
+    missing = column.isna().to_numpy()
+    if missing.any() and not allow_missing:
+        cells = ", ".join(map(str, adata.obs_names[missing][:3]))
+        raise ValueError(
+            f"adata.obs[{key!r}] has {int(missing.sum())} missing value(s) (e.g. cells {cells});"
+            f" every cell needs a {what}. Fill them in, or subset to the cells with one "
+            f"(adata[adata.obs[{key!r}].notna()])."
+        )
+    return column.astype(str).to_numpy()
+
+
 def batch_covariates(
     adata: AnnData, batch_key: str, categories: list[str] | None = None
 ) -> tuple[np.ndarray, list[str]]:
@@ -138,23 +194,7 @@ def batch_covariates(
     ValueError
         The column has missing values, or values not among ``categories``.
     """
-    if not isinstance(batch_key, str) or not batch_key:
-        raise TypeError(f"`batch_key` must be a column name (a string), got {batch_key!r}.")
-    if batch_key not in adata.obs.columns:
-        present = ", ".join(repr(c) for c in adata.obs.columns[:20]) or "none"
-        raise KeyError(
-            f"batch_key={batch_key!r} is not a column of adata.obs (columns: {present}). Add "
-            "the batch of each cell there, or pass the name of the column that holds it."
-        )
-    column = adata.obs[batch_key]
-    missing = column.isna().to_numpy()
-    if missing.any():
-        cells = ", ".join(map(str, adata.obs_names[missing][:3]))
-        raise ValueError(
-            f"adata.obs[{batch_key!r}] has {int(missing.sum())} missing value(s) (e.g. cells "
-            f"{cells}); every cell needs a batch. Fill them in, or subset to cells with one."
-        )
-    values = column.astype(str).to_numpy()
+    values = obs_column(adata, batch_key, argument="batch_key", what="batch")
     if categories is None:
         categories = sorted(set(values))
     codes = pd.Index(categories).get_indexer(values)

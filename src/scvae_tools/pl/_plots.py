@@ -15,6 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, to_rgba
 from matplotlib.figure import Figure
 
+from .._data import obs_column
 from ._utils import _savefig_or_show
 
 __all__ = [
@@ -345,10 +346,7 @@ def tsne_kmeans(
         A t-SNE embedding is not of shape ``(n_obs, 2)``.
     """
     reps = _as_tuple(reps, "reps")
-    if label_key not in adata.obs:
-        raise KeyError(
-            f"label_key {label_key!r} is not a column of adata.obs; columns: {list(adata.obs)}."
-        )
+    obs_column(adata, label_key, argument="label_key", what="label")
     if point_size is None:
         point_size = min(120000 / max(adata.n_obs, 1), 40.0)
     names = [_rep_name(rep) for rep in reps]
@@ -561,10 +559,8 @@ def spike_probabilities(
             f"adata.obsm[{key!r}] not found: run sv.tl.vsc(adata) first (with key_added=, the key "
             f"is key_added + '_spike'). obsm keys: {list(adata.obsm)}."
         )
-    if groupby is not None and groupby not in adata.obs:
-        raise KeyError(
-            f"groupby {groupby!r} is not a column of adata.obs; columns: {list(adata.obs)}."
-        )
+    if groupby is not None:
+        obs_column(adata, groupby, argument="groupby", what="group", allow_missing=True)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"`threshold` must be a number in [0, 1], got {threshold!r}.")
     if not 0.0 <= float(threshold) <= 1.0:

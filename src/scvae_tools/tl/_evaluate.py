@@ -22,7 +22,7 @@ from sklearn.neighbors import NearestNeighbors
 from tqdm.auto import tqdm
 
 from .._checks import check_bool, check_int
-from .._data import get_matrix
+from .._data import get_matrix, obs_column
 from ._integration import SCIB_METRICS, require_scib, scib_scores
 
 __all__ = ["PROTOCOL_METRICS", "evaluate", "tsne3d"]
@@ -273,17 +273,7 @@ def evaluate(
     """
     if adata.n_obs < 3:
         raise ValueError(f"evaluate needs at least 3 cells, got {adata.n_obs}.")
-    if label_key not in adata.obs:
-        raise KeyError(
-            f"adata.obs has no column {label_key!r}; present: {list(adata.obs.columns)}."
-        )
-    raw_labels = adata.obs[label_key]
-    if raw_labels.isna().any():
-        raise ValueError(
-            f"{int(raw_labels.isna().sum())} cells have no {label_key!r} label; subset to the "
-            f"labelled cells first (adata[adata.obs[{label_key!r}].notna()])."
-        )
-    labels = pd.factorize(raw_labels.astype(str))[0]
+    labels = pd.factorize(obs_column(adata, label_key, argument="label_key", what="label"))[0]
     n_classes = int(labels.max()) + 1
     if n_classes < 2:
         raise ValueError(f"obs[{label_key!r}] has a single class; scores need at least two.")
@@ -426,22 +416,11 @@ def evaluate(
 
 
 def _batch_codes(adata: AnnData, batch_key: str) -> np.ndarray:
-    if not isinstance(batch_key, str):
-        raise TypeError(f"`batch_key` must be a column name of adata.obs, got {batch_key!r}.")
-    if batch_key not in adata.obs:
-        raise KeyError(
-            f"adata.obs has no batch column {batch_key!r}; present: {list(adata.obs.columns)}."
-        )
-    raw = adata.obs[batch_key]
-    if raw.isna().any():
-        raise ValueError(
-            f"{int(raw.isna().sum())} cells have no {batch_key!r} batch; fill them in or subset "
-            f"to the cells with one (adata[adata.obs[{batch_key!r}].notna()])."
-        )
-    codes = pd.factorize(raw.astype(str))[0]
+    raw = obs_column(adata, batch_key, argument="batch_key", what="batch")
+    codes = pd.factorize(raw)[0]
     if codes.max() < 1:
         raise ValueError(
-            f"obs[{batch_key!r}] holds a single batch ({raw.iloc[0]!r}); the integration "
+            f"obs[{batch_key!r}] holds a single batch ({str(raw[0])!r}); the integration "
             "metrics need at least two. Leave batch_key=None for one sample."
         )
     return codes
