@@ -20,9 +20,9 @@ components, by kNN purity
 down to 150 and 300 cells (3 draws each), and scanpy's pbmc68k_reduced; then prints the schedule
 that "auto" gives a million cells and the predicted time of that call, from steps timed on a
 synthetic 20,000-gene CSR with 1,000 non-zeros per cell. --steps-figure plots kNN purity
-against optimizer steps for a small and a large data set, from one run per model that holds 10 %
-of the cells out as early stopping does, and marks the step of the least held-out loss (where
-``early_stopping=True`` keeps the weights).
+against optimizer steps for two small data sets and a large one, from one run per model that
+holds 10 % of the cells out as early stopping does, and marks the step of the least held-out
+loss (where ``early_stopping=True`` keeps the weights).
 
 --ceiling adds two representations that no model here learns, to show what the protocol
 rewards: the PCA baseline averaged over each cell's 15 nearest neighbours in it (graph
@@ -262,10 +262,11 @@ def steps_figure(path: str, models: list[str], steps: int = 3000) -> None:
 
     full, _ = load("pbmc3k")
     sets = {
+        "CellBench CEL-seq2, 340 cells": (cellbench("celseq2"), "mixture"),
         "PBMC3k, 300 cells": (pbmc3k_draw(300, 0), "seed_cluster"),
         "PBMC3k, 2,638 cells": (full, "seed_cluster"),
     }
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 3.6), sharey=True)
     for ax, (name, (adata, label)) in zip(axes, sets.items(), strict=True):
         pca = knn_purity(sc.pp.pca(adata.X, n_comps=6, random_state=0), adata.obs[label])
         for m in models:
