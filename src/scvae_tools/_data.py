@@ -535,9 +535,13 @@ class MinibatchLoader:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.held_out = None if held_out is None else np.unique(np.asarray(held_out, np.int64))
+        # Which rows train (a mask, for the block order of backed data) and their numbers.
+        self._keep: np.ndarray | None = None
         self._train_rows: np.ndarray | None = None
         if self.held_out is not None:
-            self._train_rows = np.setdiff1d(np.arange(self.n_cells), self.held_out)
+            self._keep = np.ones(self.n_cells, dtype=bool)
+            self._keep[self.held_out] = False
+            self._train_rows = np.flatnonzero(self._keep)
             if not len(self._train_rows):
                 raise ValueError("No cells are left to train on after holding some out.")
         #: Cells trained on: all, or all but the held-out ones.
@@ -605,10 +609,8 @@ class MinibatchLoader:
         lengths = np.minimum(starts + block, n) - starts
         first = np.repeat(np.cumsum(lengths) - lengths, lengths)
         order = np.repeat(starts, lengths) + (np.arange(n) - first)
-        if self._train_rows is not None:
-            keep = np.ones(n, dtype=bool)
-            keep[self.held_out] = False
-            order = order[keep[order]]
+        if self._keep is not None:
+            order = order[self._keep[order]]
         order = self._shard(order)
         # The rows of each window are shuffled from a generator of this process's own, so that
         # ``rng`` advances alike in every process and they agree on the next epoch's blocks.
