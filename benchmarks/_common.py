@@ -334,11 +334,13 @@ def scvi_latent(
     batch_key: str | None = None,
     likelihood: str = "zinb",
     batch_size: int = 128,
+    seed: int = 0,
 ) -> np.ndarray:
     """scvi-tools' SCVI latent space of ``adata.layers["counts"]``, all cells, no early stop.
 
     With ``n_top_genes``, first the ``seurat_v3`` HVGs of the counts (per batch with
     ``batch_key``); None trains on the genes as given. ``batch_size`` 128 is SCVI's default.
+    ``seed`` is scvi-tools' global seed (``scvi.settings.seed``), set before the model is built.
     """
     import scanpy as sc
 
@@ -348,6 +350,7 @@ def scvi_latent(
         sys.exit("SCVI needs scvi-tools: pip install -e '.[bench]'")
     if "counts" not in adata.layers:
         sys.exit("SCVI needs raw counts in adata.layers['counts'] (PBMC3k has them).")
+    scvi.settings.seed = seed
     hv = adata.copy()
     if n_top_genes is not None:
         sc.pp.highly_variable_genes(

@@ -82,6 +82,26 @@ def test_first_activation_shapes_the_encoder_and_is_recorded():
     assert not np.allclose(adata.obsm["X_ae"], adata.obsm["relu"])
 
 
+def test_first_activation_auto_is_a_relu_for_counts_only():
+    adata = log_adata()
+    counts = sv.tl.vae(adata, layer="counts", likelihood="nb", return_model=True, **FAST)
+    linear = sv.tl.vae(
+        adata,
+        layer="counts",
+        likelihood="nb",
+        first_activation=False,
+        key_added="linear",
+        return_model=True,
+        **FAST,
+    )
+    assert isinstance(counts.module.first_activation, torch.nn.ReLU)
+    assert adata.uns["vae"]["params"]["first_activation"] is True
+    assert isinstance(linear.module.first_activation, torch.nn.Identity)  # obeyed exactly
+    assert adata.uns["linear"]["params"]["first_activation"] is False
+    with pytest.raises(TypeError, match=r"first_activation.*'auto'"):
+        sv.tl.vae(adata, first_activation="relu", **FAST)
+
+
 @pytest.mark.parametrize("name", ["vae", "vsc"])
 def test_kl_warmup_weighs_the_kl_from_zero_up_to_beta(name):
     adata = log_adata()
@@ -505,6 +525,7 @@ def test_cli_train_writes_the_latent_space_and_the_model(tmp_path, capsys):
     params = out.uns["vsc"]["params"]
     assert (params["beta"], params["kl_warmup"], params["epochs"]) == (3.0, 0.5, 2)
     assert params["precision"] == "bfloat16"
+    assert not params["first_activation"]  # "auto" with the Gaussian: the write-up's
     model = sv.models.load(tmp_path / "m.pt")
     assert model.module.kl_warmup == 0.5
     np.testing.assert_allclose(model.encode(out), out.obsm["X_vsc"], rtol=1e-4, atol=1e-5)
@@ -639,7 +660,11 @@ def test_cli_train_with_likelihood_and_batch_key(tmp_path, capsys):
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     assert out.uns["vae"]["params"]["likelihood"] == "zinb"
     assert list(out.uns["vae"]["params"]["batch_categories"]) == ["b0", "b1"]
+    assert out.uns["vae"]["params"]["first_activation"]  # "auto" with counts
     model = sv.models.load(tmp_path / "m.pt")
+    assert isinstance(model.module.first_activation, torch.nn.ReLU)
     np.testing.assert_allclose(model.encode(out), out.obsm["X_vae"], rtol=1e-4, atol=1e-5)
+    assert main([*args, "--no-first-activation"]) == 0
+    assert not ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]["first_activation"]
     assert main([*args[:5], "--likelihood", "nb", "--batch-key", "nope", "--quiet"]) == 2
     assert "not a column" in capsys.readouterr().err

@@ -48,8 +48,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--first-activation",
-        action="store_true",
-        help="a ReLU after the encoder's first layer (the write-up has none)",
+        action=argparse.BooleanOptionalAction,
+        default="auto",
+        help="a ReLU after the encoder's first layer, or none (the write-up's); "
+        "default: only with a count likelihood",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
     parser.add_argument(

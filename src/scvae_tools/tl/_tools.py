@@ -72,6 +72,20 @@ def has_native_bfloat16(device: torch.device) -> bool:
         return False
 
 
+def _first_activation(value: Any, likelihood: str) -> bool:
+    """``first_activation``, with ``"auto"`` resolved: a ReLU for the count likelihoods only.
+
+    The Gaussian keeps the write-up's linear first layer. On counts, the ReLU (scVI's encoder
+    has one too) lifted the batch-aware VAE's scIB total on PBMC3k in two batches, 3 training
+    seeds each: NB from 0.759-0.768 to 0.774-0.792, ZINB from 0.755-0.772 to 0.773-0.803.
+    """
+    if isinstance(value, str) and value == "auto":
+        return LIKELIHOODS[likelihood].counts
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`first_activation` must be True, False or 'auto', got {value!r}.")
+    return bool(value)
+
+
 def _fit(
     kind: ModelKind,
     adata: AnnData,
@@ -115,6 +129,10 @@ def _fit(
         )
 
     likelihood = check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+    model_options = {
+        **model_options,
+        "first_activation": _first_activation(model_options["first_activation"], likelihood),
+    }
     covariates, categories = None, []
     if batch_key is not None:
         covariates, categories = batch_covariates(adata, batch_key)
@@ -260,9 +278,11 @@ _COMMON_DOC = """
         Encoder widths; the decoder mirrors them. ``(128, 32, 16)`` is the write-up's
         ``n_genes -> 128 -> 32 -> 16 -> n_latent``.
     first_activation
-        Put a ReLU after the encoder's first layer. The write-up's encoder has none: its first
-        layer is a linear projection, and that is the default. On PBMC3k the ReLU helped with
-        2,000 HVGs but not with all genes (see the reproduce page of the documentation).
+        Put a ReLU after the encoder's first layer. ``"auto"``: only with a count likelihood.
+        The write-up's encoder has none (its first layer is a linear projection), and the
+        Gaussian keeps it so: on PBMC3k the ReLU helped with 2,000 HVGs but not with all genes
+        (see the reproduce page of the documentation). On counts, as in scVI's encoder, it
+        lifted the batch-aware VAE's integration scores (see the integration page).
     layer
         Train on ``adata.layers[layer]`` instead of ``adata.X``.
     likelihood
@@ -401,7 +421,7 @@ def ae(
     *,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
-    first_activation: bool = False,
+    first_activation: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
@@ -420,7 +440,7 @@ def ae(
     return _fit(
         "ae",
         adata,
-        model_options={"first_activation": check_bool("first_activation", first_activation)},
+        model_options={"first_activation": first_activation},
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
@@ -447,7 +467,7 @@ def vae(
     kl_warmup: float = 0.0,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
-    first_activation: bool = False,
+    first_activation: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
@@ -471,7 +491,7 @@ def vae(
         model_options={
             "beta": beta,
             "kl_warmup": kl_warmup,
-            "first_activation": check_bool("first_activation", first_activation),
+            "first_activation": first_activation,
         },
         n_latent=n_latent,
         hidden=hidden,
@@ -500,7 +520,7 @@ def vsc(
     prior_spike: float = 0.5,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
-    first_activation: bool = False,
+    first_activation: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
@@ -528,7 +548,7 @@ def vsc(
             "beta": beta,
             "kl_warmup": kl_warmup,
             "prior_spike": prior_spike,
-            "first_activation": check_bool("first_activation", first_activation),
+            "first_activation": first_activation,
         },
         n_latent=n_latent,
         hidden=hidden,
