@@ -44,31 +44,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scanpy as sc
-import scipy.sparse as sp
 from _common import (
-    PBMC3K_DIR,
-    SHARED_DATA,
     cpu_model,
     git_commit,
-    load_pbmc3k,
     loadavg,
     log,
     markdown_table,
     scvi_latent,
-    seed_clusters,
     time_scvi,
     value_range,
     version,
 )
+from _datasets import N_HVG, cellbench_counts, from_counts, pbmc3k_two_batches_counts
 
 import scvae_tools as sv
 from scvae_tools._schedule import training_schedule
 from scvae_tools.tl._integration import AGGREGATES, BATCH_METRICS, BIO_METRICS
 
-CELLBENCH_DIR = SHARED_DATA / "cellbench_rnamix"
 TOOLS = ("ae", "vae", "vsc")
 LIKELIHOODS = ("gaussian", "nb", "zinb")
-N_HVG = 2000
 N_PCS = 50
 TIMING_BATCH_SIZE = 256
 TARGET_SPEEDUP = 5.0
@@ -77,81 +71,6 @@ TARGET_SPEEDUP = 5.0
 def _default(name: str) -> Any:
     """Our tools' default for a parameter, so that the baselines follow it when it changes."""
     return inspect.signature(sv.tl.vae).parameters[name].default
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-def load_cellbench(data_dir: Path = CELLBENCH_DIR) -> sc.AnnData:
-    """CellBench RNA mixtures on CEL-seq2 and SORT-seq (the README's loader): raw counts."""
-    import anndata as ad
-
-    if not data_dir.exists():
-        sys.exit(f"CellBench not found at {data_dir}; this benchmark needs ../shared/data.")
-    parts = []
-    for protocol in ("celseq2", "sortseq"):
-        counts = pd.read_csv(data_dir / f"RNAmix_{protocol}.count.csv.gz", index_col=0)
-        meta = pd.read_csv(data_dir / f"RNAmix_{protocol}.metadata.csv.gz", index_col=0)
-        meta = meta.loc[counts.columns]
-        a = ad.AnnData(
-            sp.csr_matrix(counts.T.to_numpy().astype(np.float32)),
-            obs=meta.set_axis(protocol + "_" + meta.index),
-        )
-        a.var_names = counts.index
-        a.obs["batch"] = protocol
-        mix = meta[["H2228_prop", "H1975_prop", "HCC827_prop"]].astype(str)
-        a.obs["label"] = mix.agg("/".join, axis=1).to_numpy()
-        parts.append(a)
-    adata = ad.concat(parts, join="inner")
-    sc.pp.filter_genes(adata, min_cells=3)
-    return adata
-
-
-def pbmc3k_two_batches(sd: float, seed: int = 0) -> tuple[sc.AnnData, np.ndarray]:
-    """PBMC3k (Seurat recipe) with half its cells moved to batch "B" by a known effect.
-
-    Each gene g gets a factor f_g = exp(N(0, sd^2)); a batch-B cell's count x becomes
-    Binomial(x, min(f_g, 1)) + Poisson(x * max(f_g - 1, 0)), an integer with mean f_g x.
-    Returns the counts AnnData (``X`` = counts) and the factors.
-    """
-    adata, _ = load_pbmc3k(PBMC3K_DIR)
-    rng = np.random.default_rng(seed)
-    counts = adata.layers["counts"].tocsr().astype(np.float32)
-    in_b = rng.permutation(adata.n_obs) < adata.n_obs // 2
-    factors = np.exp(rng.normal(0.0, sd, adata.n_vars))
-    coo = counts.tocoo()
-    hit = in_b[coo.row]
-    f = factors[coo.col[hit]]
-    x = coo.data[hit].astype(np.int64)
-    data = coo.data.copy()
-    data[hit] = rng.binomial(x, np.minimum(f, 1.0)) + rng.poisson(x * np.maximum(f - 1.0, 0.0))
-    counts = sp.csr_matrix((data, (coo.row, coo.col)), shape=counts.shape, dtype=np.float32)
-    counts.eliminate_zeros()
-    out = sc.AnnData(counts, obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
-    out.obs["batch"] = pd.Categorical(np.where(in_b, "B", "A"))
-    out.obs["label"] = seed_clusters(out)
-    return out, factors
-
-
-def prepare(counts: sc.AnnData) -> sc.AnnData:
-    """``X`` = log-normalised HVGs, ``layers["counts"]`` = their counts; obs ``label``, ``batch``.
-
-    With ``N_HVG`` = None, all genes.
-    """
-    adata = counts.copy()
-    adata.obs["batch"] = pd.Categorical(adata.obs["batch"].astype(str))
-    adata.obs["label"] = pd.Categorical(adata.obs["label"].astype(str))
-    adata.layers["counts"] = adata.X.copy()
-    sc.pp.highly_variable_genes(
-        adata, flavor="seurat_v3", n_top_genes=N_HVG, layer="counts", batch_key="batch"
-    )
-    adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-    return adata
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +243,7 @@ def time_ours(adata: sc.AnnData, tool: str, likelihood: str, epochs: int) -> flo
 def timing_section(counts: sc.AnnData, args: argparse.Namespace) -> list[str]:
     full = counts.copy()
     full.layers["counts"] = full.X
-    sets = {f"all {full.n_vars:,} genes": full, f"{N_HVG:,} HVGs": prepare(counts)}
+    sets = {f"all {full.n_vars:,} genes": full, f"{N_HVG:,} HVGs": from_counts(counts)}
     out = [
         f"### Speed of the count path: PBMC3k in two batches, {full.n_obs:,} cells, batch size "
         f"{TIMING_BATCH_SIZE}, batch_key, {args.rounds} alternating rounds of "
@@ -445,13 +364,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.timing_only:
         for name in args.sets:
             if name == "cellbench":
-                title, data = "CellBench RNA mixtures, CEL-seq2 + SORT-seq", load_cellbench()
+                title, data = "CellBench RNA mixtures, CEL-seq2 + SORT-seq", cellbench_counts()
             elif name == "pbmc3k":
-                pbmc, _ = pbmc3k_two_batches(args.shift_sd)
+                pbmc = pbmc3k_two_batches_counts(args.shift_sd)
                 title, data = "PBMC3k in two batches (known effect)", pbmc
             else:
                 sys.exit(f"unknown set {name!r}: cellbench or pbmc3k")
-            adata = prepare(data)
+            adata = from_counts(data)
             table = score_set(name, adata, args)
             title = (
                 f"{title}: {adata.n_obs} cells, {adata.n_vars} HVGs, "
@@ -480,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.output).write_text("\n".join(report))
     if not args.no_timing:
         if pbmc is None:
-            pbmc, _ = pbmc3k_two_batches(args.shift_sd)
+            pbmc = pbmc3k_two_batches_counts(args.shift_sd)
         lines += timing_section(pbmc, args)
         print("\n".join(lines), flush=True)
         report += lines
