@@ -634,6 +634,53 @@ def test_gaussian_with_batches_conditions_the_decoder_and_keeps_the_gram_path():
     assert plain.module.output_layer.weight.shape == (adata.n_vars, 128)
 
 
+@pytest.mark.parametrize("name", list(TOOLS))
+def test_linear_decoder_reads_the_code_directly_and_is_recorded(name):
+    adata = log_adata()
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2 == 0, "a", "b")
+    mlp = TOOLS[name](adata, decoder="mlp", batch_key="batch", return_model=True, **FAST)
+    linear = TOOLS[name](
+        adata, decoder="linear", batch_key="batch", key_added="lin", return_model=True, **FAST
+    )
+    assert adata.uns[name]["params"]["decoder"] == "mlp"
+    assert adata.uns["lin"]["params"]["decoder"] == "linear"
+    assert len(mlp.module.decoder_body) > 0
+    # No hidden layer: the output layer's input is the code and the one-hot batch.
+    assert len(linear.module.decoder_body) == 0
+    assert linear.module.output_layer.weight.shape == (adata.n_vars, 6 + 2)
+    z = torch.randn(5, 6)
+    onehot = torch.tensor([[1.0, 0.0]] * 5)
+    expected = torch.cat([z, onehot], 1) @ linear.module.output_layer.weight.T
+    got = linear.module.reconstruct(z, onehot) - linear.module.output_layer.bias
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(adata.obsm[f"X_{name}"], adata.obsm["lin"])
+    with pytest.raises(ValueError, match="`decoder` must be one of"):
+        TOOLS[name](adata, decoder="deep", **FAST)
+
+
+def test_encode_covariates_feeds_the_batch_to_the_encoder_and_is_recorded(tmp_path):
+    adata = two_batch_counts(n_cells=120, n_genes=30)
+    kw = {"likelihood": "nb", "batch_key": "batch", "return_model": True, **FAST}
+    plain = sv.tl.vae(adata, **kw)
+    seen = sv.tl.vae(adata, encode_covariates=True, key_added="enc", **kw)
+    assert adata.uns["vae"]["params"]["encode_covariates"] is False
+    assert adata.uns["enc"]["params"]["encode_covariates"] is True
+    assert plain.module.input_covariates is None
+    assert seen.module.input_covariates.weight.shape == (128, 2)
+    # The code of a cell depends on the batch it is said to come from.
+    swapped = adata.copy()
+    swapped.obs["batch"] = swapped.obs["batch"].map({"b0": "b1", "b1": "b0"})
+    assert not np.allclose(seen.encode(swapped), adata.obsm["enc"])
+    np.testing.assert_allclose(plain.encode(swapped), adata.obsm["X_vae"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="encoder sees each cell's batch"):
+        seen.encode(adata.X)
+    seen.save(tmp_path / "enc.pt")
+    loaded = sv.models.load(tmp_path / "enc.pt")
+    np.testing.assert_allclose(loaded.encode(adata), adata.obsm["enc"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="encode_covariates"):
+        sv.tl.vae(adata, encode_covariates="yes", **FAST)
+
+
 def test_batch_aware_vae_mixes_batches_and_keeps_labels_apart():
     """Two batches with a strong gene-wise effect: without ``batch_key`` the latent space
     splits by batch (almost no kNN from the other batch); with it, cells of a type mix

@@ -143,8 +143,8 @@ class LatentModel:
         batch_key
             For a model trained with a ``batch_key``: the ``obs`` column of an AnnData that
             holds each cell's batch; None uses the model's own ``batch_key``. Every batch
-            must be one the model was trained on. (The encoder itself is not conditioned on
-            the batch, so a matrix is encoded without one.)
+            must be one the model was trained on. A matrix is encoded without batches, which
+            only a model whose encoder does not see them (``encode_covariates=False``) can do.
         batch_size
             Cells encoded at a time.
         return_spike
@@ -165,6 +165,11 @@ class LatentModel:
         if self.batch_categories and isinstance(data, AnnData):
             covariates, _ = batch_covariates(
                 data, batch_key or self.batch_key, self.batch_categories
+            )
+        elif self.module.input_covariates is not None:
+            raise ValueError(
+                "This model's encoder sees each cell's batch (encode_covariates=True): pass an "
+                f"AnnData whose obs[{self.batch_key!r}] holds it, not a matrix."
             )
         return self._encode_matrix(
             X, batch_size=batch_size, return_spike=return_spike, covariates=covariates

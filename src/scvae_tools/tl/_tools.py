@@ -32,6 +32,7 @@ from .._training import (
 )
 from ..models._likelihood import LIKELIHOODS, LikelihoodName
 from ..models._model import LatentModel, ModelKind
+from ..models._module import DecoderKind
 
 __all__ = ["ae", "vae", "vsc"]
 
@@ -129,6 +130,8 @@ def _fit(
         )
 
     likelihood = check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+    check_choice("decoder", model_options["decoder"], ("mlp", "linear"))
+    check_bool("encode_covariates", model_options["encode_covariates"])
     model_options = {
         **model_options,
         "first_activation": _first_activation(model_options["first_activation"], likelihood),
@@ -275,8 +278,12 @@ _COMMON_DOC = """
     n_latent
         Number of latent dimensions.
     hidden
-        Encoder widths; the decoder mirrors them. ``(128, 32, 16)`` is the write-up's
+        Encoder widths. ``(128, 32, 16)`` is the write-up's
         ``n_genes -> 128 -> 32 -> 16 -> n_latent``.
+    decoder
+        ``"mlp"``: the encoder's widths mirrored, ``n_latent -> 16 -> 32 -> 128 -> n_genes``
+        (ReLU), the write-up's. ``"linear"``: one linear layer from the code to the genes (and
+        the one-hot batch), as scvi-tools' LDVAE.
     first_activation
         Put a ReLU after the encoder's first layer. ``"auto"``: only with a count likelihood.
         The write-up's encoder has none (its first layer is a linear projection), and the
@@ -299,6 +306,9 @@ _COMMON_DOC = """
         Categorical column of ``adata.obs`` with each cell's batch (sample, donor,
         protocol). Its one-hot is fed to every layer of the decoder (as scVI), so that the
         latent space need not encode the batch. None: one batch (today's model, exactly).
+    encode_covariates
+        With ``batch_key``, also feed the one-hot batch to the encoder's first layer (scVI's
+        ``encode_covariates``).
     epochs
         Passes over all cells. ``"auto"``: at least 2,200 optimizer steps (the write-up's 200
         epochs on PBMC3k), so more epochs below 2,560 cells; otherwise scVI's
@@ -421,10 +431,12 @@ def ae(
     *,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
+    decoder: DecoderKind = "mlp",
     first_activation: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
+    encode_covariates: bool = False,
     epochs: int | Auto = "auto",
     batch_size: int = 256,
     early_stopping: bool = False,
@@ -440,7 +452,11 @@ def ae(
     return _fit(
         "ae",
         adata,
-        model_options={"first_activation": first_activation},
+        model_options={
+            "first_activation": first_activation,
+            "decoder": decoder,
+            "encode_covariates": encode_covariates,
+        },
         n_latent=n_latent,
         hidden=hidden,
         layer=layer,
@@ -467,10 +483,12 @@ def vae(
     kl_warmup: float = 0.0,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
+    decoder: DecoderKind = "mlp",
     first_activation: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
+    encode_covariates: bool = False,
     epochs: int | Auto = "auto",
     batch_size: int = 256,
     early_stopping: bool = False,
@@ -492,6 +510,8 @@ def vae(
             "beta": beta,
             "kl_warmup": kl_warmup,
             "first_activation": first_activation,
+            "decoder": decoder,
+            "encode_covariates": encode_covariates,
         },
         n_latent=n_latent,
         hidden=hidden,
@@ -520,10 +540,12 @@ def vsc(
     prior_spike: float = 0.5,
     n_latent: int = 6,
     hidden: Sequence[int] = (128, 32, 16),
+    decoder: DecoderKind = "mlp",
     first_activation: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
+    encode_covariates: bool = False,
     epochs: int | Auto = "auto",
     batch_size: int = 256,
     early_stopping: bool = False,
@@ -549,6 +571,8 @@ def vsc(
             "kl_warmup": kl_warmup,
             "prior_spike": prior_spike,
             "first_activation": first_activation,
+            "decoder": decoder,
+            "encode_covariates": encode_covariates,
         },
         n_latent=n_latent,
         hidden=hidden,
