@@ -351,9 +351,30 @@ def test_tsne3d_writes_a_3d_embedding_scanpy_can_plot():
         sv.tl.tsne3d(adata, "X_nope")
 
 
-def test_reproduce_cli_on_bundled_data_writes_report_csv_and_figures(tmp_path, capsys):
+def test_reproduce_cli_on_bundled_data_writes_report_csv_and_figures(
+    tmp_path, capsys, monkeypatch
+):
+    from scvae_tools._reproduce import WRITEUP_CONFIG
+
+    params = {}
+    for name in ("ae", "vae", "vsc"):
+        tool = getattr(sv.tl, name)
+
+        def recording(adata, _tool=tool, _name=name, **kwargs):
+            _tool(adata, **kwargs)
+            params[_name] = dict(adata.uns[_name]["params"])
+
+        monkeypatch.setattr(sv.tl, name, recording)
     out = tmp_path / "rep"
     assert main(["reproduce", "--out", str(out), "--epochs", "3", "--n-seeds", "1", "--quiet"]) == 0
+    # The write-up's configuration runs whatever the tools' defaults are, and is recorded.
+    for name, config in WRITEUP_CONFIG.items():
+        assert params[name]["decoder"] == "mlp"
+        for key, value in config.items():
+            recorded = params[name][key]
+            assert (list(recorded) if key == "hidden" else recorded) == (
+                list(value) if key == "hidden" else value
+            ), (name, key)
     assert capsys.readouterr().out == ""
     metrics = pd.read_csv(out / "metrics.csv")
     # The models and, beside them, the PCA of the same input (6 components as the latents, 10).
@@ -362,6 +383,7 @@ def test_reproduce_cli_on_bundled_data_writes_report_csv_and_figures(tmp_path, c
     assert metrics["mean"].between(-1, 1).all()
     report = (out / "report.md").read_text()
     assert "bulk_labels" in report and "3 epochs" in report
+    assert "The write-up's configuration (6 latent dimensions" in report
     assert "PCA of the same input" in report
     for rep in ("X_ae", "X_vae", "X_vsc", "pca6", "pca10"):
         nmi = metrics.query("rep == @rep and metric == 'nmi'")["mean"].iloc[0]
