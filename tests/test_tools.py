@@ -1,5 +1,6 @@
 """sv.tl.ae / vae / vsc as a scanpy user sees them."""
 
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -624,13 +625,13 @@ def test_batch_key_errors_leave_anndata_unchanged():
 def test_gaussian_with_batches_conditions_the_decoder_and_keeps_the_gram_path():
     adata = log_adata()
     adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 3 == 0, "a", "b")
-    model = sv.tl.ae(adata, batch_key="batch", return_model=True, **FAST)
+    model = sv.tl.ae(adata, batch_key="batch", decoder="mlp", return_model=True, **FAST)
     assert list(adata.uns["ae"]["params"]["batch_categories"]) == ["a", "b"]
     layer = model.module.output_layer
     assert layer.weight.shape == (adata.n_vars, 128 + 2)  # two batch columns beside h
     first = model.module.decoder_body[0]
     assert first.in_features == 6 + 2
-    plain = sv.tl.ae(adata, return_model=True, copy=True, **FAST)[1]
+    plain = sv.tl.ae(adata, decoder="mlp", return_model=True, copy=True, **FAST)[1]
     assert plain.module.output_layer.weight.shape == (adata.n_vars, 128)
 
 
@@ -654,6 +655,18 @@ def test_linear_decoder_reads_the_code_directly_and_is_recorded(name):
     got = linear.module.reconstruct(z, onehot) - linear.module.output_layer.bias
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(adata.obsm[f"X_{name}"], adata.obsm["lin"])
+    # "shallow": one hidden layer as wide as the encoder's first, the batch beside its input.
+    shallow = TOOLS[name](
+        adata, decoder="shallow", batch_key="batch", key_added="sh", return_model=True, **FAST
+    )
+    assert adata.uns["sh"]["params"]["decoder"] == "shallow"
+    layers = [m for m in shallow.module.decoder_body if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in layers] == [(6 + 2, 128)]
+    assert shallow.module.output_layer.weight.shape == (adata.n_vars, 128 + 2)
+    # The default call records the default.
+    TOOLS[name](adata, key_added="default", **FAST)
+    default = inspect.signature(TOOLS[name]).parameters["decoder"].default
+    assert adata.uns["default"]["params"]["decoder"] == default
     with pytest.raises(ValueError, match="`decoder` must be one of"):
         TOOLS[name](adata, decoder="deep", **FAST)
 
@@ -713,5 +726,15 @@ def test_cli_train_with_likelihood_and_batch_key(tmp_path, capsys):
     np.testing.assert_allclose(model.encode(out), out.obsm["X_vae"], rtol=1e-4, atol=1e-5)
     assert main([*args, "--no-first-activation"]) == 0
     assert not ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]["first_activation"]
+    # Unset, --decoder and --encode-covariates leave the tools' defaults; set, they are obeyed.
+    defaults = inspect.signature(sv.tl.vae).parameters
+    for flags, decoder, encode in (
+        ([], defaults["decoder"].default, defaults["encode_covariates"].default),
+        (["--decoder", "mlp", "--encode-covariates"], "mlp", True),
+        (["--decoder", "linear", "--no-encode-covariates"], "linear", False),
+    ):
+        assert main([*args, *flags]) == 0
+        params = ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]
+        assert (params["decoder"], bool(params["encode_covariates"])) == (decoder, encode)
     assert main([*args[:5], "--likelihood", "nb", "--batch-key", "nope", "--quiet"]) == 2
     assert "not a column" in capsys.readouterr().err

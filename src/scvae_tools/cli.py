@@ -53,6 +53,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="a ReLU after the encoder's first layer, or none (the write-up's); "
         "default: only with a count likelihood",
     )
+    parser.add_argument(
+        "--decoder",
+        choices=("linear", "shallow", "mlp"),
+        default=None,
+        help="linear: code (and batch) to genes in one layer, as LDVAE; shallow: one hidden "
+        "layer, as scVI; mlp: the encoder's widths mirrored, the write-up's (the tools' default)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
     parser.add_argument(
         "--early-stopping",
@@ -102,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-key",
         default=None,
         help="obs column with each cell's batch; its one-hot conditions the decoder (none)",
+    )
+    train.add_argument(
+        "--encode-covariates",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --batch-key, also feed the batch to the encoder (the tools' default)",
     )
     train.add_argument("--beta", type=float, default=2.0, help="KL weight, vae/vsc (2.0)")
     train.add_argument(
@@ -329,6 +342,10 @@ def _train_in_process(args: argparse.Namespace, device: str) -> int:
         "progress": not args.quiet,
         "return_model": True,
     }
+    # Unset: the tools' own defaults, stated (and chosen) in one place.
+    for name in ("decoder", "encode_covariates"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.model in ("vae", "vsc"):
         options["beta"] = args.beta
         options["kl_warmup"] = args.kl_warmup

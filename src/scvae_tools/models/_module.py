@@ -15,7 +15,16 @@ from ._nn import Batch, ConditionalMLP, InputLinear, mlp
 __all__ = ["LATENT_TYPES", "AutoencoderModule", "DecoderKind", "LatentType"]
 
 LatentType = Literal["deterministic", "gaussian", "spike_slab"]
-DecoderKind = Literal["mlp", "linear"]
+DecoderKind = Literal["linear", "shallow", "mlp"]
+
+#: Hidden widths of each kind of decoder, from the encoder's ``hidden``: none ("linear", the
+#: output layer reads the code and the batch), the first encoder width once ("shallow", as
+#: scVI's one-hidden-layer decoder), or all of them mirrored ("mlp", the write-up's).
+DECODER_WIDTHS = {
+    "linear": lambda hidden: [],
+    "shallow": lambda hidden: [hidden[0]],
+    "mlp": lambda hidden: list(reversed(hidden)),
+}
 LATENT_TYPES: dict[str, type[nn.Module]] = {
     "deterministic": DeterministicLatent,
     "gaussian": GaussianLatent,
@@ -92,10 +101,9 @@ class AutoencoderModule(nn.Module):
         self.encoder_body = mlp(body, last_activation=True)
         kwargs = {"prior_spike": prior_spike} if latent == "spike_slab" else {}
         self.latent = LATENT_TYPES[latent](body[-1], head_widths, n_latent, **kwargs)
-        if decoder not in ("mlp", "linear"):
-            raise ValueError(f"`decoder` must be 'mlp' or 'linear', got {decoder!r}.")
-        # "linear": no hidden layer, the output layer reads the code itself (and the batch).
-        widths = [n_latent, *reversed(hidden)] if decoder == "mlp" else [n_latent]
+        if decoder not in DECODER_WIDTHS:
+            raise ValueError(f"`decoder` must be one of {tuple(DECODER_WIDTHS)}, got {decoder!r}.")
+        widths = [n_latent, *DECODER_WIDTHS[decoder](hidden)]
         self.decoder_body = ConditionalMLP(widths, n_batches)
         self.likelihood: Likelihood = LIKELIHOODS[likelihood](widths[-1], n_genes, n_batches)
         self.input_covariates = (

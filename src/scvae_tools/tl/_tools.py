@@ -32,7 +32,7 @@ from .._training import (
 )
 from ..models._likelihood import LIKELIHOODS, LikelihoodName
 from ..models._model import LatentModel, ModelKind
-from ..models._module import DecoderKind
+from ..models._module import DECODER_WIDTHS, DecoderKind
 
 __all__ = ["ae", "vae", "vsc"]
 
@@ -130,7 +130,7 @@ def _fit(
         )
 
     likelihood = check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
-    check_choice("decoder", model_options["decoder"], ("mlp", "linear"))
+    check_choice("decoder", model_options["decoder"], tuple(DECODER_WIDTHS))
     check_bool("encode_covariates", model_options["encode_covariates"])
     model_options = {
         **model_options,
@@ -281,9 +281,12 @@ _COMMON_DOC = """
         Encoder widths. ``(128, 32, 16)`` is the write-up's
         ``n_genes -> 128 -> 32 -> 16 -> n_latent``.
     decoder
-        ``"mlp"``: the encoder's widths mirrored, ``n_latent -> 16 -> 32 -> 128 -> n_genes``
-        (ReLU), the write-up's. ``"linear"``: one linear layer from the code to the genes (and
-        the one-hot batch), as scvi-tools' LDVAE.
+        ``"linear"``: one linear layer from the code (and the one-hot batch) to the genes, as
+        scvi-tools' LDVAE. ``"shallow"``: one hidden layer as wide as the encoder's first,
+        ``n_latent -> 128 -> n_genes`` (ReLU), as scVI's decoder. ``"mlp"``: the encoder's
+        widths mirrored, ``n_latent -> 16 -> 32 -> 128 -> n_genes`` (ReLU), the write-up's.
+        The batch's one-hot (``batch_key``) enters every layer. The documentation's suite
+        page gives the measurements behind the default.
     first_activation
         Put a ReLU after the encoder's first layer. ``"auto"``: only with a count likelihood.
         The write-up's encoder has none (its first layer is a linear projection), and the
