@@ -223,12 +223,20 @@ def test_every_failure_raises_clearly_and_leaves_the_query_unchanged(tmp_path):
 
 
 def test_a_reference_whose_encoder_does_not_see_the_batch_warns():
+    """Trained with encode_covariates=False, or without any batch_key."""
     reference, query = reference_and_query(n_ref=120, n_query=40)
     model = sv.tl.vae(reference, likelihood="nb", batch_key="batch", return_model=True, **FAST)
     with pytest.warns(UserWarning, match="encode_covariates=True"):
         sv.tl.map_query(query, model, **FAST)
     # The codes are the reference encoder's: the batch does not enter them.
     np.testing.assert_allclose(query.obsm["X_vae"], model.encode(query.X), atol=1e-6)
+    plain = sv.tl.ae(reference, likelihood="nb", return_model=True, **FAST)
+    with pytest.warns(UserWarning, match="without a batch_key"):
+        sv.tl.map_query(query, plain, **FAST)
+    assert query.uns["ae"]["params"]["epochs"] == 0
+    np.testing.assert_array_equal(query.obsm["X_ae"], plain.encode(query))
+    with pytest.raises(ValueError, match="without a batch_key"):
+        sv.tl.map_query(query, plain, batch_key="batch")
 
 
 def test_an_extended_model_saves_and_loads_with_the_same_codes(tmp_path):

@@ -168,7 +168,8 @@ def map_query(
     ``model = sv.tl.vae(ref, batch_key="sample", encode_covariates=True, return_model=True)``:
     only an encoder that sees the batch can move a new batch's codes. With
     ``encode_covariates=False`` the query is encoded by the reference encoder as it is (its
-    decoder columns are still trained), and a warning says so.
+    decoder columns are still trained), and a warning says so; a model trained without a
+    ``batch_key`` encodes the query as it is, without training, with a warning too.
 
     Parameters
     ----------
@@ -286,6 +287,14 @@ def map_query(
                 "batches. Train the reference with `batch_key=..., encode_covariates=True`, or "
                 "pass batch_key=None to encode the query as it is."
             )
+        warnings.warn(
+            "This model was trained without a batch_key: the query is encoded by the reference "
+            "encoder as it is, and nothing is trained, so its batch effect is not corrected. "
+            "Train the reference with `sv.tl.vae(ref, batch_key=..., encode_covariates=True, "
+            "return_model=True)` to map queries.",
+            UserWarning,
+            stacklevel=2,
+        )
         extended = copy_module.deepcopy(model)
     extended.module.to(dev)
 
@@ -341,7 +350,7 @@ def map_query(
         "epochs": 0 if result is None else result.epochs,
         "batch_size": schedule.batch_size,
         "n_steps": 0 if result is None else result.steps,
-        "epochs_auto": schedule.epochs_auto,
+        "epochs_auto": result is not None and schedule.epochs_auto,
         "lr": lr,
         "random_state": random_state,
         "device": str(dev),
