@@ -181,6 +181,16 @@ def test_a_backed_query_maps_as_in_memory(tmp_path):
     assert backed.uns["vae"]["params"]["backed"]
     np.testing.assert_allclose(backed.obsm["X_vae"], query.obsm["X_vae"], atol=1e-6)
     backed.file.close()
+    # Other genes: read in blocks of cells, in the model's genes, as in memory.
+    subset = query[:, list(query.var_names[2:])[::-1]].copy()
+    subset.write_h5ad(tmp_path / "subset.h5ad")
+    backed = ad.read_h5ad(tmp_path / "subset.h5ad", backed="r")
+    with pytest.warns(UserWarning, match="2 of the model's 40 genes"):
+        sv.tl.map_query(backed, model, **FAST)
+    with pytest.warns(UserWarning, match="2 of the model's 40 genes"):
+        sv.tl.map_query(subset, model, **FAST)
+    np.testing.assert_allclose(backed.obsm["X_vae"], subset.obsm["X_vae"], atol=1e-6)
+    backed.file.close()
 
 
 def _failures(tmp_path, query, model):

@@ -132,9 +132,8 @@ def model_genes(
         out = sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.vstack(blocks)
     else:
         out = X @ select
-    if sp.issparse(out):
-        out = sp.csr_matrix(out)
-    return np.asarray(out) if not sp.issparse(out) else out, n_missing, n_dropped
+    out = sp.csr_matrix(out) if sp.issparse(out) else np.asarray(out)
+    return out, n_missing, n_dropped
 
 
 def map_query(
