@@ -336,3 +336,23 @@ def test_cli_maps_a_query_and_transfers_labels(tmp_path, capsys):
     assert "not a scvae-tools model file" in capsys.readouterr().err
     assert main([*mapping, "--labels-key", "group"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_train_batches_only_restores_ordinary_parameters_even_on_error():
+    reference, _ = reference_and_query(n_ref=60, n_query=10)
+    _, model = _reference_model(reference, "vae", "zinb", epochs=1)
+    module = model.with_batches(["q"]).module
+    names = [name for name, _ in module.named_parameters()]
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(RuntimeError, match="stop"), module.train_batches_only(2) as trainable:
+        # One new column in each weight that reads the batch, nothing else: the encoder's,
+        # 3 decoder layers', and the output and zero-inflation layers' of the ZINB.
+        assert len(trainable) == len(model.module.batch_columns()) == 6
+        assert all(p.shape[1] == 1 for p in trainable)
+        raise RuntimeError("stop")
+    assert [name for name, _ in module.named_parameters()] == names
+    assert all(p.requires_grad for p in module.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
+    with pytest.raises(ValueError, match="first"):
+        with module.train_batches_only(3):
+            pass

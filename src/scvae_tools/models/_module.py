@@ -157,21 +157,25 @@ class AutoencoderModule(nn.Module):
         grads = {name: p.requires_grad for name, p in self.named_parameters()}
         for p in self.parameters():
             p.requires_grad_(False)
-        split: list[tuple[nn.Module, str]] = []
+        split: list[tuple[nn.Module, str, list[str]]] = []
         try:
             for name, at in self.batch_columns().items():
                 owner_name, attr = name.rsplit(".", 1)
                 owner = self.get_submodule(owner_name)
+                order = list(owner._parameters)
                 weight = getattr(owner, attr)
                 parametrize.register_parametrization(
                     owner, attr, InsertedColumns(weight, at + first, n)
                 )
                 owner.parametrizations[attr].original.requires_grad_(False)
-                split.append((owner, attr))
+                split.append((owner, attr, order))
             yield [p for p in self.parameters() if p.requires_grad]
         finally:
-            for owner, attr in split:
+            for owner, attr, order in split:
                 parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+                # Re-registered last: put the parameters back in their order (state_dict's).
+                params = owner._parameters
+                params.update([(k, params.pop(k)) for k in order])
             for name, p in self.named_parameters():
                 p.requires_grad_(grads.get(name, True))
 
