@@ -274,8 +274,8 @@ def map_query(
                 "This model's encoder does not see the batch (it was trained with "
                 "encode_covariates=False), so mapping cannot move the query's codes: they are "
                 "the reference encoder's, and only the decoder learns the new batches. Train "
-                "the reference with `sv.tl.vae(ref, batch_key=..., encode_covariates=True, "
-                "return_model=True)` to map queries.",
+                f"the reference with `sv.tl.{model.kind}(ref, batch_key=..., "
+                "encode_covariates=True, return_model=True)` to map queries.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -289,8 +289,8 @@ def map_query(
         warnings.warn(
             "This model was trained without a batch_key: the query is encoded by the reference "
             "encoder as it is, and nothing is trained, so its batch effect is not corrected. "
-            "Train the reference with `sv.tl.vae(ref, batch_key=..., encode_covariates=True, "
-            "return_model=True)` to map queries.",
+            f"Train the reference with `sv.tl.{model.kind}(ref, batch_key=..., "
+            "encode_covariates=True, return_model=True)` to map queries.",
             UserWarning,
             stacklevel=2,
         )
