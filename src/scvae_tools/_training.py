@@ -261,7 +261,9 @@ def train(
     rng = np.random.default_rng(random_state)
     generator = torch.Generator(device=device)
     generator.manual_seed(_rank_seed(random_state, loader.rank))
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, fused=True)
+    # Only what may train: architecture surgery freezes the reference's weights.
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr, fused=True)
     module.train()
     objective = module.loss
     if loader.world_size > 1:

@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         "--encode-covariates",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --batch-key, also feed the batch to the encoder (the tools' default)",
+        help="with --batch-key, also feed the batch to the encoder; needed for a reference "
+        "that `scvae-tools map` maps queries onto (the tools' default)",
     )
     train.add_argument("--beta", type=float, default=2.0, help="KL weight, vae/vsc (2.0)")
     train.add_argument(
@@ -146,6 +147,54 @@ def _parser() -> argparse.ArgumentParser:
         "command with torchrun instead (1)",
     )
     _add_training_options(train)
+
+    mapping = sub.add_parser(
+        "map",
+        help="map a query .h5ad onto a saved reference model (scArches' surgery)",
+        description=(
+            "Train only new one-hot batch columns of a saved model (from `train --batch-key COL "
+            "--encode-covariates --save-model MODEL.pt`) on the query's new batches, the "
+            "reference's weights frozen, and write the query's latent space (obsm['X_<model>'], "
+            "uns['<model>']) into OUT. With --reference and --labels-key, also transfer the "
+            "reference's labels by a weighted kNN vote (obs['<labels>_pred'], "
+            "obs['<labels>_uncertainty'])."
+        ),
+    )
+    mapping.add_argument("model_file", metavar="MODEL", help="model file (.pt) from --save-model")
+    mapping.add_argument("input", help="query .h5ad file")
+    mapping.add_argument("-o", "--output", required=True, help="output .h5ad file")
+    mapping.add_argument(
+        "--batch-key", default=None, help="obs column with each query cell's batch (the model's)"
+    )
+    mapping.add_argument("--layer", default=None, help="use this layer instead of X")
+    mapping.add_argument(
+        "--epochs",
+        type=_int_or_auto,
+        default="auto",
+        help="passes over the query's cells, or 'auto' (the rule of train) (auto)",
+    )
+    mapping.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
+    mapping.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    mapping.add_argument("--seed", type=int, default=0, help="random_state (0)")
+    mapping.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    mapping.add_argument("--key-added", default=None, help="obsm/uns key instead of the default")
+    mapping.add_argument("--save-model", default=None, help="also save the extended model (.pt)")
+    mapping.add_argument(
+        "--reference",
+        default=None,
+        help="reference .h5ad (the model's genes and batch column) whose labels to transfer",
+    )
+    mapping.add_argument("--labels-key", default=None, help="obs column of the reference labels")
+    mapping.add_argument(
+        "--n-neighbors", type=int, default=15, help="reference neighbours per query cell (15)"
+    )
+    mapping.add_argument(
+        "--unknown-threshold",
+        type=float,
+        default=0.5,
+        help="label cells whose vote uncertainty exceeds this 'Unknown' (0.5)",
+    )
+    mapping.add_argument("--quiet", action="store_true", help="no progress bar")
 
     reproduce = sub.add_parser(
         "reproduce",
@@ -390,6 +439,78 @@ def _stopped(params: dict) -> str:
     )
 
 
+def _input_file(path: str, what: str) -> Path:
+    """``path`` as a Path, or a clear error unless it is a file."""
+    file = Path(path)
+    if not file.is_file():
+        state = "is a folder" if file.exists() else "does not exist"
+        raise FileNotFoundError(f"{what} {path!r} {state}.")
+    return file
+
+
+def _map(args: argparse.Namespace) -> int:
+    """``scvae-tools map``: map a query, optionally transfer a reference's labels."""
+    import anndata as ad
+
+    from . import models, tl
+    from ._data import obs_column
+    from .tl._mapping import UNKNOWN
+
+    if (args.reference is None) != (args.labels_key is None):
+        raise ValueError("--reference and --labels-key go together: pass both or neither.")
+    model = models.load(_input_file(args.model_file, "Model file"))
+    query = ad.read_h5ad(_input_file(args.input, "Input file"))
+    reference = None
+    if args.reference is not None:
+        reference = ad.read_h5ad(_input_file(args.reference, "Reference file"))
+        obs_column(reference, args.labels_key, argument="--labels-key", what="label")
+    extended = tl.map_query(
+        query,
+        model,
+        layer=args.layer,
+        batch_key=args.batch_key,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        random_state=args.seed,
+        device=args.device,
+        key_added=args.key_added,
+        progress=not args.quiet,
+        return_model=True,
+    )
+    key = args.key_added or model.kind
+    obsm_key = args.key_added or f"X_{model.kind}"
+    transferred = ""
+    if reference is not None:
+        # The reference's batches are all known: this encodes it (bit-identical to the
+        # reference model's codes), genes matched as for the query, without training.
+        tl.map_query(reference, extended, layer=args.layer, key_added=obsm_key, progress=False)
+        tl.transfer_labels(
+            reference,
+            query,
+            args.labels_key,
+            use_rep=obsm_key,
+            n_neighbors=args.n_neighbors,
+            unknown_threshold=args.unknown_threshold,
+        )
+        unknown = int((query.obs[f"{args.labels_key}_pred"] == UNKNOWN).sum())
+        transferred = (
+            f" Transferred {args.labels_key!r} from {reference.n_obs} reference cells "
+            f"({unknown} query cells 'Unknown')."
+        )
+    query.write_h5ad(args.output)
+    if args.save_model:
+        extended.save(args.save_model)
+    params = query.uns[key]["params"]
+    print(
+        f"Mapped {query.n_obs} cells of {args.input} onto the {model.kind} model "
+        f"{args.model_file}: {len(params.get('new_batch_categories', []))} new batch(es), "
+        f"{params['epochs']} epochs. Wrote obsm[{obsm_key!r}] {query.obsm[obsm_key].shape} to "
+        f"{args.output}.{transferred}"
+    )
+    return 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from ._reproduce import reproduce
 
@@ -410,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "map":
+            return _map(args)
         return _reproduce(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, WorkerFailedError) as err:
         print(f"scvae-tools: error: {err}", file=sys.stderr)

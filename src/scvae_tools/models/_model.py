@@ -199,6 +199,68 @@ class LatentModel:
             return rep, np.concatenate(spikes).astype(np.float32, copy=False)
         return rep
 
+    def with_batches(self, categories: Sequence[str]) -> LatentModel:
+        """A copy of the model with one-hot columns for more batches (scArches' surgery).
+
+        Every weight that reads the one-hot batch (:meth:`AutoencoderModule.batch_columns`:
+        the encoder's with ``encode_covariates``, each decoder layer, the output layer) gets
+        one new column per new batch, appended after the model's own; every other value is
+        copied exactly, so cells of the model's batches are encoded bit for bit as before. A
+        new column starts as the mean of the model's columns of that weight: a new batch
+        starts as the average known batch. Train the new columns alone with
+        :meth:`AutoencoderModule.train_batches_only` (``sv.tl.map_query`` does).
+
+        Parameters
+        ----------
+        categories
+            The batches to add, in order; those the model knows are skipped.
+
+        Returns
+        -------
+        The extended model, on the same device, in evaluation mode; ``batch_categories`` are
+        the model's followed by the new ones. This model is left unchanged.
+
+        Raises
+        ------
+        ValueError
+            The model was trained without a ``batch_key``: it has no batch columns to extend.
+        """
+        if not self.batch_categories:
+            raise ValueError(
+                "This model was trained without a batch_key, so no layer reads a batch and "
+                "there is nothing to extend. Train the reference with batch_key= (and "
+                "encode_covariates=True)."
+            )
+        new = list(dict.fromkeys(str(c) for c in categories if str(c) not in self.batch_categories))
+        # The fresh module's random initialisation is overwritten below: keep the caller's
+        # global random state as it was.
+        with torch.random.fork_rng(devices=[]):
+            extended = LatentModel(
+                self.kind,
+                self.var_names,
+                self.config,
+                batch_key=self.batch_key,
+                batch_categories=self.batch_categories + new,
+            )
+        first = len(self.batch_categories)
+        columns = self.module.batch_columns()
+        target = extended.module.state_dict()
+        state = {}
+        for name, value in self.module.state_dict().items():
+            value = value.detach()
+            if name in columns:
+                at = columns[name]
+                mean = value[:, at : at + first].mean(1, keepdim=True).expand(-1, len(new))
+                joined = torch.cat([value[:, : at + first], mean, value[:, at + first :]], 1)
+                # OutputLinear pads its width to a multiple of 8 with zero columns.
+                width = min(joined.shape[1], target[name].shape[1])
+                value = torch.zeros_like(target[name], device=value.device)
+                value[:, :width] = joined[:, :width]
+            state[name] = value.clone()
+        extended.module.load_state_dict(state)
+        extended.module.to(self.device).eval()
+        return extended
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the model to ``path`` (a ``.pt`` file); restore it with :func:`load`."""
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
@@ -228,8 +290,17 @@ def load(path: str | os.PathLike, device: str = "cpu") -> LatentModel:
     -------
     The model, in evaluation mode.
     """
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    version = payload.get("format_version")
+    try:
+        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch raises several types for files it cannot read
+        raise ValueError(
+            f"{path} is not a scvae-tools model file: torch cannot read it "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Pass a file "
+            "written by `model.save(path)` or `scvae-tools train --save-model`."
+        ) from None
+    version = payload.get("format_version") if isinstance(payload, dict) else None
     if version not in (1, _FORMAT_VERSION):
         raise ValueError(f"{path} is not a scvae-tools model file (or from a newer version).")
     state = payload["state_dict"]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._latent import DeterministicLatent, GaussianLatent, LatentOutput, SpikeSlabLatent
 from ._likelihood import LIKELIHOODS, Likelihood, LikelihoodName
-from ._nn import Batch, ConditionalMLP, InputLinear, mlp
+from ._nn import Batch, ConditionalMLP, InputLinear, InsertedColumns, covariate_columns, mlp
 
 __all__ = ["LATENT_TYPES", "AutoencoderModule", "DecoderKind", "LatentType"]
 
@@ -93,6 +95,7 @@ class AutoencoderModule(nn.Module):
         hidden = tuple(int(h) for h in hidden)
         body = hidden[:-1] if len(hidden) > 1 else hidden
         head_widths = hidden[-1:] if len(hidden) > 1 else ()
+        self.n_batches = int(n_batches)
         self.beta = float(beta)
         self.kl_warmup = float(kl_warmup)
         self.kl_weight = self.beta
@@ -114,6 +117,75 @@ class AutoencoderModule(nn.Module):
     def output_layer(self) -> torch.nn.Module:
         """The decoder's last layer (the likelihood's; the mean's for count likelihoods)."""
         return self.likelihood.output_layer
+
+    def batch_columns(self) -> dict[str, int]:
+        """Where the one-hot batch enters the weights: every weight that reads it.
+
+        Returns
+        -------
+        The name of each such parameter (as in :meth:`state_dict`) and the index of its first
+        batch column along dim 1; the ``n_batches`` columns from there act on the one-hot. The
+        encoder's covariate layer (``encode_covariates``), every decoder layer and the
+        likelihood's output layer(s). Empty without batches.
+        """
+        columns = {}
+        parts = {
+            "input_covariates": self.input_covariates,
+            "decoder_body": self.decoder_body,
+            "likelihood": self.likelihood,
+        }
+        for prefix, part in parts.items():
+            if part is not None:
+                found = covariate_columns(part, self.n_batches)
+                columns.update({f"{prefix}.{name}": at for name, at in found.items()})
+        return columns
+
+    @contextlib.contextmanager
+    def train_batches_only(self, first: int) -> Iterator[list[nn.Parameter]]:
+        """Within the block, only the weights of batch columns ``first`` on can train.
+
+        Architecture surgery as scArches: each weight of :meth:`batch_columns` is split into
+        its columns for batches ``first`` to ``n_batches - 1``, a new trainable parameter, and
+        the rest, frozen (:class:`~scvae_tools.models.InsertedColumns`); every other parameter
+        is frozen too. On leaving, the parts are joined back into ordinary parameters (the
+        frozen values bit for bit) and ``requires_grad`` is restored.
+
+        Parameters
+        ----------
+        first
+            Index of the first batch whose columns train, ``0 <= first < n_batches``.
+
+        Yields
+        ------
+        The trainable parameters, to hand to the optimizer.
+        """
+        if not 0 <= first < self.n_batches:
+            raise ValueError(f"`first` must lie in [0, {self.n_batches}), got {first}.")
+        n = self.n_batches - first
+        grads = {name: p.requires_grad for name, p in self.named_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(False)
+        split: list[tuple[nn.Module, str, list[str]]] = []
+        try:
+            for name, at in self.batch_columns().items():
+                owner_name, attr = name.rsplit(".", 1)
+                owner = self.get_submodule(owner_name)
+                order = list(owner._parameters)
+                weight = getattr(owner, attr)
+                parametrize.register_parametrization(
+                    owner, attr, InsertedColumns(weight, at + first, n)
+                )
+                owner.parametrizations[attr].original.requires_grad_(False)
+                split.append((owner, attr, order))
+            yield [p for p in self.parameters() if p.requires_grad]
+        finally:
+            for owner, attr, order in split:
+                parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+                # Re-registered last: put the parameters back in their order (state_dict's).
+                params = owner._parameters
+                params.update([(k, params.pop(k)) for k in order])
+            for name, p in self.named_parameters():
+                p.requires_grad_(grads.get(name, True))
 
     def inference(self, batch: Batch, generator: torch.Generator | None = None) -> LatentOutput:
         """Encode a batch: the posterior (or code) of each cell."""

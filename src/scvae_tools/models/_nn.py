@@ -14,7 +14,9 @@ __all__ = [
     "Batch",
     "ConditionalMLP",
     "InputLinear",
+    "InsertedColumns",
     "OutputLinear",
+    "covariate_columns",
     "gram",
     "mlp",
     "output_products",
@@ -371,3 +373,68 @@ class OutputLinear(nn.Module):
         if self.n_covariates:
             h = torch.cat([h, covariates], dim=1)
         return F.linear(h, self.weight, self.bias)
+
+
+def covariate_columns(module: nn.Module, n_covariates: int) -> dict[str, int]:
+    """Where the covariates enter the weights of ``module``, whose linear layers all read them.
+
+    Every linear layer of a :class:`ConditionalMLP`, of a likelihood's output layers and of the
+    encoder's covariate layer reads ``[h, c]``: its input ``h`` (possibly empty), then the
+    ``n_covariates`` columns of the one-hot batch ``c``. This is the one place that knows it.
+
+    Parameters
+    ----------
+    module
+        A module whose :class:`torch.nn.Linear` and :class:`OutputLinear` layers all read
+        ``n_covariates`` covariate columns after their other inputs.
+    n_covariates
+        Width of the covariates.
+
+    Returns
+    -------
+    The name of each such weight (``"0.weight"``, ``"output_layer.packed"``) and the index of
+    its first covariate column along dim 1; empty when ``n_covariates`` is 0.
+    """
+    if not n_covariates:
+        return {}
+    columns = {}
+    for name, layer in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(layer, OutputLinear):
+            columns[f"{prefix}packed"] = layer.n_hidden
+        elif isinstance(layer, nn.Linear):
+            columns[f"{prefix}weight"] = layer.in_features - n_covariates
+    return columns
+
+
+class InsertedColumns(nn.Module):
+    """A parametrization: a frozen weight with trainable columns inserted along dim 1.
+
+    Registered with :func:`torch.nn.utils.parametrize.register_parametrization` on a weight
+    ``W`` of shape ``(n_out, n_in)``, it stores ``W`` without columns ``at:at + n`` as the
+    (frozen) original and those columns as its own parameter ``columns``; the layer sees
+    ``[W[:, :at], columns, W[:, at + n:]]``, rebuilt at every access. The original's values are
+    never touched by an optimizer that only holds ``columns``.
+
+    Parameters
+    ----------
+    weight
+        The full weight, shape ``(n_out, n_in)``.
+    at
+        Index of the first trainable column.
+    n
+        Number of trainable columns.
+    """
+
+    def __init__(self, weight: torch.Tensor, at: int, n: int):
+        super().__init__()
+        self.at, self.n = int(at), int(n)
+        self.columns = nn.Parameter(weight.detach()[:, self.at : self.at + self.n].clone())
+
+    def forward(self, frozen: torch.Tensor) -> torch.Tensor:
+        """The full weight, ``(n_out, n_in)``, from the frozen part ``(n_out, n_in - n)``."""
+        return torch.cat([frozen[:, : self.at], self.columns, frozen[:, self.at :]], dim=1)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """The frozen part of a full weight: every column but the inserted ones."""
+        return torch.cat([weight[:, : self.at], weight[:, self.at + self.n :]], dim=1)

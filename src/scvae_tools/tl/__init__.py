@@ -1,6 +1,7 @@
-"""Tools: train the models and evaluate their latent spaces."""
+"""Tools: train the models, map query data onto them and evaluate their latent spaces."""
 
 from ._evaluate import evaluate, tsne3d
+from ._mapping import map_query, transfer_labels
 from ._tools import ae, vae, vsc
 
-__all__ = ["ae", "evaluate", "tsne3d", "vae", "vsc"]
+__all__ = ["ae", "evaluate", "map_query", "transfer_labels", "tsne3d", "vae", "vsc"]
