@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DE_SCALE",
+    "activity",
     "differential_expression",
     "fdr_de_prediction",
     "gene_loadings",
@@ -408,14 +409,30 @@ def gene_loadings(
     ``"weights"`` (linear decoder: the output layer's code columns, exact; ``adata`` unused) or
     ``"jacobian"`` (the Jacobian of the output layer's value with respect to the code, averaged
     over the posterior means of the cells of ``adata``, each decoded with its own batch).
+
+    For the count likelihoods the softmax ignores a constant added to every gene's logit, so
+    each column is only defined up to a constant: it is centred on its median over genes (a
+    loading is then the log fold change of a gene relative to the typical gene, per unit of
+    the dimension).
     """
     if model.config.get("decoder", "mlp") == "linear":
         weight = model.module.likelihood.output_layer.weight[:, : model.n_latent]
-        return weight.detach().float().cpu().numpy().copy(), "weights"
-    if adata is None:
-        raise ValueError(
-            "An MLP decoder's loadings are measured on cells' codes: pass the AnnData."
-        )
+        loadings, method = weight.detach().double().cpu().numpy(), "weights"
+    else:
+        if adata is None:
+            raise ValueError(
+                "An MLP decoder's loadings are measured on cells' codes: pass the AnnData."
+            )
+        loadings, method = _mean_jacobian(model, adata, layer, batch_key, batch_size), "jacobian"
+    if LIKELIHOODS[model.likelihood].counts:
+        loadings = loadings - np.median(loadings, axis=0, keepdims=True)
+    return loadings.astype(np.float32), method
+
+
+def _mean_jacobian(
+    model: LatentModel, adata: AnnData, layer: str | None, batch_key: str | None, batch_size: int
+) -> np.ndarray:
+    """The decoder logits' Jacobian, by forward mode, averaged over the cells' posterior means."""
     batch_size = check_int("batch_size", batch_size)
     cells = prepare_cells(model, adata, layer=layer, batch_key=batch_key, transform_batch=None)
     total = torch.zeros(model.n_genes, model.n_latent, dtype=torch.float64, device=model.device)
@@ -431,6 +448,35 @@ def gene_loadings(
                 (z,),
                 (tangent,),
             )
-            total[:, k] += derivative.sum(0).double()
+            total[:, k] += derivative.detach().sum(0).double()
         n_cells += z.shape[0]
-    return (total / max(n_cells, 1)).float().cpu().numpy(), "jacobian"
+    return (total / max(n_cells, 1)).cpu().numpy()
+
+
+@torch.no_grad()
+def activity(
+    model: LatentModel,
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    batch_size: int = 1024,
+) -> np.ndarray | None:
+    """How active each latent dimension is in each cell, ``(n_cells, n_latent)``, or None.
+
+    VSC: the spike probability. VAE: 1 where the posterior mean lies more than 1.96 posterior
+    standard deviations from 0 (the prior's mean), else 0. AE: None (no posterior).
+    """
+    if model.kind == "ae":
+        return None
+    batch_size = check_int("batch_size", batch_size)
+    cells = prepare_cells(model, adata, layer=layer, batch_key=batch_key, transform_batch=None)
+    out = [np.zeros((0, model.n_latent), np.float32)]
+    for latent, _ in _blocks(model, cells, batch_size):
+        if model.kind == "vsc":
+            value = latent.extras["spike"]
+        else:
+            sigma = torch.exp(latent.extras["log_sigma"])
+            value = (latent.mean.abs() > 1.96 * sigma).float()
+        out.append(value.float().cpu().numpy())
+    return np.concatenate(out)
