@@ -335,10 +335,14 @@ def gene_programs(
     * ``decoder="mlp"``: the Jacobian, by forward-mode differentiation, at each cell's
       posterior mean, averaged over the cells of ``adata``. A finite difference would need a
       step: too small, it is the Jacobian again; a large one leaves the region of codes the
-      cells occupy. The ReLU decoder's Jacobian is piecewise constant and averaging it over the
-      cells' own codes weighs each region by how many cells are there; on a synthetic set with
-      three programs its loadings agreed with a central difference of one standard deviation
-      of each dimension (see the tests' ``gene_programs`` checks).
+      cells occupy. The ReLU decoder's Jacobian is piecewise constant, and averaging it over
+      the cells' own codes weighs each region by how many cells are there. Measured on a
+      synthetic set of three count programs (NB VAE and VSC, MLP decoder, 60 epochs), the
+      averaged Jacobian correlated at 0.99-1.00 per dimension with central differences of 0.01
+      and of 1 standard deviation of each dimension, with the same top-10 genes (29-30 of 30):
+      the step does not matter there, and the Jacobian needs none. For the count likelihoods
+      each dimension's loadings are centred on their median over genes (the softmax ignores a
+      constant shared by all genes).
 
     Parameters
     ----------
