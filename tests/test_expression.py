@@ -156,7 +156,7 @@ def test_transform_batch_changes_the_output_only_through_the_batch(batched):
     )
 
 
-def test_chunked_equals_unchunked(batched):
+def test_chunked_equals_unchunked(batched, tmp_path):
     adata, model = batched
     whole = model.normalized_expression(adata, batch_size=100_000)
     chunked = model.normalized_expression(adata, batch_size=7)
@@ -164,6 +164,11 @@ def test_chunked_equals_unchunked(batched):
     dense = adata.copy()
     dense.X = dense.X.toarray()
     np.testing.assert_allclose(model.normalized_expression(dense), whole, rtol=1e-5, atol=1e-8)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    np.testing.assert_allclose(
+        model.normalized_expression(backed, batch_size=50), whole, rtol=1e-5, atol=1e-8
+    )
 
 
 def test_random_halves_of_one_population_call_almost_nothing(planted):
@@ -331,6 +336,11 @@ def test_bad_input_raises_and_changes_nothing(batched, planted):
     with pytest.raises(KeyError, match="groupby="):
         sv.tl.rank_genes_groups(adata, model, "cell_type")
     _assert_unchanged(adata, snap)
+    sees_batch = sv.tl.ae(
+        adata.copy(), likelihood="nb", batch_key="batch", encode_covariates=True, epochs=1, **QUIET
+    )
+    with pytest.raises(KeyError, match="encoder sees the batch"):
+        sees_batch.normalized_expression(bare, transform_batch="b0")
     no_batches, plain = planted
     with pytest.raises(ValueError, match="without a batch_key"):
         plain.normalized_expression(no_batches, transform_batch="A")
