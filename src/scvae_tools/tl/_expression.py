@@ -17,6 +17,7 @@ from anndata import AnnData
 from .._checks import check_int
 from .._data import check_anndata, obs_column
 from ..models._expression import activity, fdr_de_prediction, gene_indices, gene_loadings
+from ..models._likelihood import LIKELIHOODS
 from ..models._model import LatentModel
 
 __all__ = ["MAX_LAYER_BYTES", "gene_programs", "normalized_expression", "rank_genes_groups"]
@@ -132,7 +133,7 @@ def normalized_expression(
             shape=(n, model.n_genes),
         )
         values.sort_indices()
-    counts = model.likelihood != "gaussian"
+    counts = LIKELIHOODS[model.likelihood].counts
     params = {
         "model": model.kind,
         "likelihood": model.likelihood,
