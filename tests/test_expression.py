@@ -235,7 +235,7 @@ def test_rank_genes_groups_is_read_and_drawn_by_scanpy(planted, tmp_path):
     pd.testing.assert_frame_equal(sc.get.rank_genes_groups_df(back, "B"), table)
 
 
-def test_normalized_expression_tool_writes_a_layer_and_refuses_a_too_large_one(batched):
+def test_normalized_expression_tool_writes_a_layer_and_refuses_a_too_large_one(batched, tmp_path):
     adata, model = batched
     adata = adata.copy()
     sv.tl.normalized_expression(adata, model, library_size=1e4)
@@ -244,6 +244,7 @@ def test_normalized_expression_tool_writes_a_layer_and_refuses_a_too_large_one(b
     )
     assert adata.uns["scvae_normalized"]["params"]["scale"] == "proportions x library_size"
     sv.tl.normalized_expression(adata, model, layer_added="few", genes=["gene5", "gene1"])
+    assert adata.uns["few"]["params"]["genes"] == ["gene5", "gene1"]
     few = adata.layers["few"]
     assert sp.issparse(few) and few.shape == adata.shape and few.nnz == 2 * adata.n_obs
     np.testing.assert_allclose(
@@ -253,9 +254,12 @@ def test_normalized_expression_tool_writes_a_layer_and_refuses_a_too_large_one(b
     with pytest.raises(ValueError, match=r"GiB.*genes="):
         sv.tl.normalized_expression(adata, model, layer_added="big", max_bytes=1000)
     _assert_unchanged(adata, snap)
+    adata.write_h5ad(tmp_path / "layers.h5ad")
+    back = ad.read_h5ad(tmp_path / "layers.h5ad")
+    assert (back.layers["few"] != few).nnz == 0
 
 
-def test_planted_programs_are_recovered_each_by_one_dimension():
+def test_planted_programs_are_recovered_each_by_one_dimension(tmp_path):
     # A sparse code with a linear decoder; with these settings 7 of training seeds 0-8 put
     # each program's 10 genes exactly on one dimension's top 10, and 8 of 9 at least 8 of them.
     adata = planted_programs()
@@ -294,6 +298,10 @@ def test_planted_programs_are_recovered_each_by_one_dimension():
     assert ((spike >= 0) & (spike <= 1)).all().all()
     ax = sv.pl.gene_programs(adata, "vsc_programs", n_top=3, show=False)
     assert len(ax.get_yticklabels()) == 9 and "active" in ax.get_xticklabels()[0].get_text()
+    adata.write_h5ad(tmp_path / "programs.h5ad")
+    back = ad.read_h5ad(tmp_path / "programs.h5ad")
+    np.testing.assert_array_equal(back.varm["vsc_programs"], loadings)
+    assert back.uns["vsc_programs"]["top_genes"].equals(record["top_genes"])
 
 
 def test_mlp_decoder_loadings_are_the_jacobian_averaged_over_the_cells(planted):
