@@ -354,3 +354,29 @@ def test_bad_input_raises_and_changes_nothing(batched, planted):
         plain.normalized_expression(no_batches, transform_batch="A")
     with pytest.raises(TypeError, match="LatentModel"):
         sv.tl.gene_programs(no_batches, "model")
+
+
+def test_posterior_draws_follow_each_latent_layer():
+    from scvae_tools.models import LatentOutput
+    from scvae_tools.models._latent import DeterministicLatent, GaussianLatent, SpikeSlabLatent
+
+    n, k = 20_000, 2
+    mu = torch.tensor([[1.0, -2.0]]).expand(n, k)
+    log_sigma = torch.log(torch.tensor([[0.5, 2.0]])).expand(n, k)
+    generator = torch.Generator().manual_seed(0)
+    code = DeterministicLatent(4, (), k).draw(LatentOutput(z=mu, mean=mu), generator)
+    assert torch.equal(code, mu)
+    gaussian = GaussianLatent(4, (), k).draw(
+        LatentOutput(z=mu, mean=mu, extras={"log_sigma": log_sigma}), generator
+    )
+    np.testing.assert_allclose(gaussian.mean(0), [1.0, -2.0], atol=0.05)
+    np.testing.assert_allclose(gaussian.std(0), [0.5, 2.0], rtol=0.03)
+    spike = torch.tensor([[0.0, 0.3]]).expand(n, k)
+    extras = {"spike": spike, "mu": mu, "log_sigma": log_sigma}
+    sparse = SpikeSlabLatent(4, (), k).draw(
+        LatentOutput(z=spike * mu, mean=spike * mu, extras=extras), generator
+    )
+    assert (sparse[:, 0] == 0).all()  # a dimension that is never active is exactly zero
+    active = sparse[:, 1] != 0
+    assert abs(active.float().mean().item() - 0.3) < 0.02  # a hard draw, not a relaxed one
+    np.testing.assert_allclose(sparse[active, 1].mean(), -2.0, atol=0.1)
