@@ -2,6 +2,7 @@
 
 import anndata as ad
 import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -230,6 +231,7 @@ def test_rank_genes_groups_is_read_and_drawn_by_scanpy(planted, tmp_path):
     assert (called == direct.loc[by_gene.index, "is_de"]).all()
     axes = sc.pl.rank_genes_groups_dotplot(adata, n_genes=3, show=False)
     assert axes is not None
+    plt.close("all")
     adata.write_h5ad(tmp_path / "ranked.h5ad")
     back = ad.read_h5ad(tmp_path / "ranked.h5ad")
     pd.testing.assert_frame_equal(sc.get.rank_genes_groups_df(back, "B"), table)
@@ -298,6 +300,16 @@ def test_planted_programs_are_recovered_each_by_one_dimension(tmp_path):
     assert ((spike >= 0) & (spike <= 1)).all().all()
     ax = sv.pl.gene_programs(adata, "vsc_programs", n_top=3, show=False)
     assert len(ax.get_yticklabels()) == 9 and "active" in ax.get_xticklabels()[0].get_text()
+    figdir = sc.settings.figdir
+    sc.settings.figdir = tmp_path
+    try:
+        assert sv.pl.gene_programs(adata, "vsc_programs", show=False, save="_x.png") is not None
+    finally:
+        sc.settings.figdir = figdir
+    assert (tmp_path / "gene_programs_x.png").exists()
+    with pytest.raises(ValueError, match="dims"):
+        sv.pl.gene_programs(adata, "vsc_programs", dims=[3], show=False)
+    plt.close("all")
     adata.write_h5ad(tmp_path / "programs.h5ad")
     back = ad.read_h5ad(tmp_path / "programs.h5ad")
     np.testing.assert_array_equal(back.varm["vsc_programs"], loadings)
