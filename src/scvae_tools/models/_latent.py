@@ -42,6 +42,10 @@ class LatentOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
 def _head(n_in: int, widths: Sequence[int], n_latent: int) -> nn.Sequential:
     return mlp([n_in, *widths, n_latent], last_activation=False)
 
@@ -53,6 +57,14 @@ class _Latent(nn.Module):
 
     def set_progress(self, fraction: float) -> None:
         """Tell the layer how far training has come (0 at the start, 1 at the end)."""
+
+    def draw(self, out: LatentOutput, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One sample of the posterior described by ``out``, shape ``(n_cells, n_latent)``.
+
+        ``out`` is the layer's own output for the cells (in either mode); the sample is drawn
+        as the generative model defines it, whatever the training-time relaxation.
+        """
+        raise NotImplementedError
 
 
 class DeterministicLatent(_Latent):
@@ -70,6 +82,10 @@ class DeterministicLatent(_Latent):
         code = self.heads["code"](h)
         return LatentOutput(z=code, mean=code)
 
+    def draw(self, out: LatentOutput, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The code itself: a deterministic encoder has no posterior to sample."""
+        return out.mean
+
 
 class GaussianLatent(_Latent):
     r"""β-VAE: :math:`z \sim \mathcal{N}(\mu, \sigma^2)` by the reparametrisation trick."""
@@ -86,7 +102,13 @@ class GaussianLatent(_Latent):
             z = mu + torch.exp(log_sigma) * eps
         else:
             z = mu
-        return LatentOutput(z=z, mean=mu, kl={"kl": gaussian_kl(mu, log_sigma)})
+        return LatentOutput(
+            z=z, mean=mu, kl={"kl": gaussian_kl(mu, log_sigma)}, extras={"log_sigma": log_sigma}
+        )
+
+    def draw(self, out: LatentOutput, generator: torch.Generator | None = None) -> torch.Tensor:
+        r""":math:`\mu + \sigma \epsilon`, :math:`\epsilon \sim \mathcal{N}(0, I)`."""
+        return out.mean + torch.exp(out.extras["log_sigma"]) * _normal(out.mean, generator)
 
 
 class SpikeSlabLatent(_Latent):
@@ -132,5 +154,20 @@ class SpikeSlabLatent(_Latent):
             z = mean
         slab, spike = spike_slab_kl(mu, log_sigma, spike_logits, self.prior_spike)
         return LatentOutput(
-            z=z, mean=mean, kl={"kl_slab": slab, "kl_spike": spike}, extras={"spike": gamma}
+            z=z,
+            mean=mean,
+            kl={"kl_slab": slab, "kl_spike": spike},
+            extras={"spike": gamma, "mu": mu, "log_sigma": log_sigma},
         )
+
+    def draw(self, out: LatentOutput, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""A sample :math:`s \odot (\mu + \sigma \epsilon)`, :math:`s \sim \mathrm{Bern}(\gamma)`.
+
+        The selection :math:`s` is a hard Bernoulli draw: the spike-and-slab posterior itself,
+        not the relaxed selection that training differentiates through.
+        """
+        extras = out.extras
+        gamma = extras["spike"]
+        u = torch.rand(gamma.shape, generator=generator, device=gamma.device, dtype=gamma.dtype)
+        slab = extras["mu"] + torch.exp(extras["log_sigma"]) * _normal(gamma, generator)
+        return (u < gamma).to(slab.dtype) * slab

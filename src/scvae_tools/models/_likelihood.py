@@ -98,6 +98,15 @@ class Likelihood(nn.Module):
         """
         raise NotImplementedError
 
+    def logits(self, h: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        """The output layer's value, ``W [h, c] + b``, shape ``(n_cells, n_genes)``.
+
+        The decoder's output on its log scale: the reconstruction itself for the Gaussian (on
+        log-normalised data), the log-proportions up to a constant per cell for the count
+        likelihoods (their softmax is the proportions).
+        """
+        return self.output_layer(h, covariates)
+
 
 class GaussianLikelihood(Likelihood):
     r"""Squared error, :math:`\lVert x - W [h, c] - b \rVert^2`, on log-normalised data.
@@ -155,6 +164,10 @@ class _CountLikelihood(Likelihood):
 
     def _input(self, h: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
         return torch.cat([h, covariates], dim=1) if self.n_covariates else h
+
+    def logits(self, h: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        """``W [h, c] + b``: the proportions are their softmax (see :class:`Likelihood`)."""
+        return self.output_layer(self._input(h, covariates))
 
     @staticmethod
     def _linear(h: torch.Tensor, layer: nn.Linear, dtype: torch.dtype | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 
@@ -122,6 +123,14 @@ class LatentModel:
             )
         return data
 
+    def _checked_matrix(self, data: AnnData | Any, layer: str | None) -> Any:
+        """:meth:`_matrix`, with its values checked as the likelihood needs them."""
+        X = self._matrix(data, layer)
+        counts_for = self.likelihood if LIKELIHOODS[self.likelihood].counts else None
+        # On-disk data is checked for NaN as the encoding reads it.
+        validate_matrix(X, name="the input", counts_for=counts_for, first_block_only=is_backed(X))
+        return X
+
     def encode(
         self,
         data: AnnData | Any,
@@ -157,10 +166,7 @@ class LatentModel:
         """
         if return_spike and self.kind != "vsc":
             raise ValueError("`return_spike=True` needs a VSC model; this one is " + self.kind)
-        X = self._matrix(data, layer)
-        counts_for = self.likelihood if LIKELIHOODS[self.likelihood].counts else None
-        # On-disk data is checked for NaN as the encoding reads it.
-        validate_matrix(X, name="the input", counts_for=counts_for, first_block_only=is_backed(X))
+        X = self._checked_matrix(data, layer)
         covariates = None
         if self.batch_categories and isinstance(data, AnnData):
             covariates, _ = batch_covariates(
@@ -198,6 +204,195 @@ class LatentModel:
         if return_spike:
             return rep, np.concatenate(spikes).astype(np.float32, copy=False)
         return rep
+
+    def normalized_expression(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        library_size: float = 1.0,
+        genes: Sequence[str] | None = None,
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """The decoder's mean expression of each cell, denoised by the model.
+
+        Each cell is encoded to its posterior mean (the code, for the AE; no sample is drawn)
+        and decoded, ``batch_size`` cells at a time, so memory grows with the output only.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the training genes in the training order, holding what the model was
+            trained on (raw counts for a count likelihood).
+        layer
+            Layer to encode; None for ``X``.
+        batch_key
+            For a model trained with a ``batch_key``: the ``obs`` column of each cell's batch;
+            None uses the model's own. Needed unless ``transform_batch`` is given and the
+            encoder does not see the batch (``encode_covariates=False``).
+        transform_batch
+            Decode every cell as if it came from this batch (a name), or average the decoded
+            expression over several (a list of names). None: each cell's own batch.
+        library_size
+            Count likelihoods: the decoded proportions (rows sum to 1) are multiplied by this
+            (``1e4`` gives counts per 10,000). Must stay 1.0 for the Gaussian.
+        genes
+            Return only these genes' columns, in this order; None for all. The proportions are
+            still over all genes.
+        batch_size
+            Cells decoded at a time.
+
+        Returns
+        -------
+        float32 array of shape ``(n_cells, n_genes)`` (``(n_cells, len(genes))`` with ``genes``).
+        For ``"nb"``, ``"zinb"`` and ``"poisson"``: each cell's expected proportions times
+        ``library_size`` (for ZINB, those of the negative binomial's mean, without the
+        zero-inflation, as scvi-tools' ``get_normalized_expression``). For ``"gaussian"``: the
+        reconstruction on the model's input scale, i.e. log-normalised values when the model
+        was trained on ``log1p`` data, not proportions.
+
+        Raises
+        ------
+        ValueError
+            An unknown ``transform_batch`` (or one given to a model without batches), genes the
+            model lacks, a ``library_size`` other than 1 with the Gaussian, a batch the model
+            was not trained on.
+        KeyError
+            The batch column is missing though it is needed, or ``layer`` is.
+        """
+        from ._expression import normalized_expression
+
+        return normalized_expression(
+            self,
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            transform_batch=transform_batch,
+            library_size=library_size,
+            genes=genes,
+            batch_size=batch_size,
+        )
+
+    def differential_expression(
+        self,
+        adata: AnnData,
+        groupby: str,
+        group1: str | Sequence[str],
+        group2: str | Sequence[str] | None = None,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        delta: float = 0.25,
+        fdr_target: float = 0.05,
+        n_samples: int = 100,
+        max_cells: int = 1000,
+        pseudocount: float = 0.1,
+        batch_size: int = 1024,
+        random_state: int = 0,
+    ) -> pd.DataFrame:
+        r"""Bayesian differential expression of two groups of cells, as scvi-tools' "change" mode.
+
+        The log fold change compared is that of the groups' mean normalised expression,
+        :math:`\mathrm{LFC}_g = \log_2(\bar\rho_{1g} + c) - \log_2(\bar\rho_{2g} + c)`.
+        Its distribution is sampled ``n_samples`` times: each time, ``max_cells`` cells (or all,
+        if fewer) are drawn with replacement from each group (a bootstrap of the group), one
+        latent code is drawn from each drawn cell's posterior (VAE: Gaussian; VSC: a hard
+        spike-and-slab sample), and the codes are decoded and averaged per group. ``prob_de``
+        is the share of samples with :math:`|\mathrm{LFC}_g| > \delta`.
+
+        Group means are compared rather than randomly paired cells (scvi-tools' default): a
+        random pair differs by the spread of expression within each group too, so two halves of
+        one varied population would look "different" for every variable gene; the bootstrap
+        keeps the uncertainty of each group's mean (which shrinks with its size) and no more.
+        For the deterministic AE there is no posterior: the bootstrap of the cells is the only
+        uncertainty, and ``prob_de`` is that of the groups' mean expression differing by more
+        than ``delta``. Drawing ``max_cells < n`` cells overstates the uncertainty of a large
+        group's mean (conservative).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the training genes in the training order (what the model encodes).
+        groupby
+            Categorical ``obs`` column of the groups.
+        group1
+            A group (or a list of groups, pooled).
+        group2
+            The group(s) to compare with; None: every other cell ("rest").
+        layer
+            Layer to encode; None for ``X``.
+        batch_key
+            Column of each cell's batch (models with batches); None: the model's own.
+        transform_batch
+            Decode every cell as this batch (or averaged over these); None: each cell's own.
+        delta
+            Smallest absolute log2 fold change that counts as a difference (default 0.25).
+        fdr_target
+            Expected false discovery rate of the genes called ``is_de`` (default 0.05).
+        n_samples
+            Samples of each group's mean (default 100; ``prob_de`` has this resolution).
+        max_cells
+            Cells drawn from a group per sample (default 1,000).
+        pseudocount
+            :math:`c`, added to the mean expression on the scale of counts per 10,000
+            (default 0.1), so that genes near zero in both groups have LFCs near zero.
+        batch_size
+            Cells encoded or decoded at a time.
+        random_state
+            Seed of the bootstrap and of the posterior samples.
+
+        Returns
+        -------
+        One row per gene (index: the gene names), columns:
+
+        ``lfc_mean``, ``lfc_std``
+            Mean and standard deviation of the sampled LFC (group1 over group2; > 0 is
+            higher in group1).
+        ``prob_de``
+            :math:`P(|\mathrm{LFC}| > \delta)`.
+        ``is_de``
+            Called differentially expressed: genes sorted by ``prob_de`` (descending), the
+            largest set whose mean ``1 - prob_de`` is at most ``fdr_target``.
+        ``fdr``
+            The expected FDR of the set of genes ranked up to this one (``is_de`` is
+            ``fdr <= fdr_target``).
+        ``norm_mean1``, ``norm_mean2``
+            Mean normalised expression of each group (averaged over the samples): counts per
+            10,000 for the count likelihoods; for the Gaussian, ``expm1`` of the
+            reconstruction (the normalised scale of ``log1p`` data).
+        ``frac_expressing1``, ``frac_expressing2``
+            Fraction of each group's cells with a non-zero value in the data.
+
+        Raises
+        ------
+        ValueError
+            A group not in the column, groups shared by both sides, no cells to compare with,
+            an unknown ``transform_batch``, invalid parameters.
+        KeyError
+            ``groupby`` (or the batch column) is not in ``obs``.
+        """
+        from ._expression import differential_expression
+
+        return differential_expression(
+            self,
+            adata,
+            groupby,
+            group1,
+            group2,
+            layer=layer,
+            batch_key=batch_key,
+            transform_batch=transform_batch,
+            delta=delta,
+            fdr_target=fdr_target,
+            n_samples=n_samples,
+            max_cells=max_cells,
+            pseudocount=pseudocount,
+            batch_size=batch_size,
+            random_state=random_state,
+        )
 
     def with_batches(self, categories: Sequence[str]) -> LatentModel:
         """A copy of the model with one-hot columns for more batches (scArches' surgery).

@@ -214,6 +214,23 @@ class AutoencoderModule(nn.Module):
         """
         return self.likelihood.mean(self.generative(z, covariates), covariates, library)
 
+    def decoder_logits(
+        self, z: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The output layer's value for codes ``z``, shape ``(n_cells, n_genes)``.
+
+        The reconstruction (Gaussian) or the logits of the proportions (count likelihoods),
+        before the softmax: see :meth:`~scvae_tools.models.Likelihood.logits`.
+        """
+        return self.likelihood.logits(self.generative(z, covariates), covariates)
+
+    def draw(self, latent: LatentOutput, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One posterior sample of the codes, ``(n_cells, n_latent)``, from :meth:`encode`'s output.
+
+        The code itself for the deterministic latent (see each latent layer's ``draw``).
+        """
+        return self.latent.draw(latent, generator)
+
     def reconstruction_loss(
         self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
     ) -> torch.Tensor:

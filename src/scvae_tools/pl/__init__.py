@@ -1,6 +1,7 @@
-"""Plots: metrics, integration scores, t-SNE beside k-means, training curves, VSC sparsity."""
+"""Plots: metrics, integration scores, t-SNE and k-means, losses, VSC sparsity, gene programs."""
 
 from ._plots import (
+    gene_programs,
     integration_scores,
     loss_curves,
     metrics_heatmap,
@@ -9,6 +10,7 @@ from ._plots import (
 )
 
 __all__ = [
+    "gene_programs",
     "integration_scores",
     "loss_curves",
     "metrics_heatmap",

@@ -19,6 +19,7 @@ from .._data import obs_column
 from ._utils import _savefig_or_show
 
 __all__ = [
+    "gene_programs",
     "integration_scores",
     "loss_curves",
     "metrics_heatmap",
@@ -804,4 +805,96 @@ def integration_scores(
         start = stop
     fig.tight_layout()
     shown = _savefig_or_show("integration_scores", show=show, save=save, fig=fig)
+    return None if shown else ax
+
+
+def gene_programs(
+    adata: AnnData,
+    key: str = "vsc_programs",
+    *,
+    dims: Sequence[int] | None = None,
+    n_top: int = 5,
+    ax: Axes | None = None,
+    cmap: str | Colormap = "RdBu_r",
+    show: bool | None = None,
+    save: bool | str | None = None,
+) -> Axes | None:
+    """Heatmap of the genes each latent dimension moves: top genes x dimensions.
+
+    Rows: the ``n_top`` genes with the largest absolute loading on each dimension shown, in the
+    order of the dimensions (a gene top for several appears once, under the first); columns:
+    the dimensions, each labelled with its share of active cells (``uns[key]["active_share"]``;
+    omitted for the AE). Colours: the loadings of ``varm[key]``, on a scale symmetric about 0.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix on which :func:`scvae_tools.tl.gene_programs` ran.
+    key
+        Its ``key_added`` (default ``"vsc_programs"``; ``"{kind}_programs"`` by default there).
+    dims
+        Latent dimensions to show, in this order (default all).
+    n_top
+        Genes per dimension (default 5); at most the ``n_top`` the tool listed.
+    ax
+        Axes to draw into; default a new figure.
+    cmap
+        Diverging colour map of the loadings (default ``"RdBu_r"``).
+    show
+        Show the figure; default ``sc.settings.autoshow``.
+    save
+        ``True`` writes ``sc.settings.figdir / "gene_programs{plot_suffix}.{ext}"``; a string
+        such as ``"_pbmc.png"`` is appended to the name and its extension sets the format.
+        Default ``sc.settings.autosave``.
+
+    Returns
+    -------
+    The heatmap's :class:`~matplotlib.axes.Axes` if the figure is not shown, else None.
+
+    Raises
+    ------
+    KeyError
+        ``varm[key]`` or ``uns[key]`` is missing.
+    ValueError
+        A dimension out of range, or ``n_top`` not a positive integer.
+    """
+    if key not in adata.varm or key not in adata.uns:
+        raise KeyError(
+            f"adata.varm[{key!r}] / adata.uns[{key!r}] not found: run "
+            "sv.tl.gene_programs(adata, model) first (the key is '{kind}_programs' or its "
+            f"key_added). varm keys: {list(adata.varm)}."
+        )
+    loadings = np.asarray(adata.varm[key], dtype=np.float64)
+    record = adata.uns[key]
+    top = record["top_genes"]
+    top = top if isinstance(top, pd.DataFrame) else pd.DataFrame(top)
+    n_latent = loadings.shape[1]
+    dims = list(range(n_latent)) if dims is None else [int(d) for d in dims]
+    if not dims or any(not 0 <= d < n_latent for d in dims):
+        raise ValueError(f"`dims` must be latent dimensions in 0..{n_latent - 1}, got {dims}.")
+    if isinstance(n_top, bool) or not isinstance(n_top, numbers.Integral) or n_top < 1:
+        raise ValueError(f"`n_top` must be a positive integer, got {n_top!r}.")
+    genes = list(dict.fromkeys(g for d in dims for g in list(top[str(d)])[:n_top]))
+    rows = adata.var_names.get_indexer(genes)
+    values = loadings[np.ix_(rows, dims)]
+    share = np.asarray(record.get("active_share", np.full(n_latent, np.nan)), dtype=float)
+
+    if ax is None:
+        fig, ax = plt.subplots(
+            figsize=(1.0 + 0.7 * len(dims), 1.2 + 0.22 * len(genes)), layout="constrained"
+        )
+    else:
+        fig = ax.figure
+    limit = float(np.abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+    ax.grid(False)
+    labels = [
+        f"{d}" if not np.isfinite(share[d]) else f"{d}\n{100 * share[d]:.0f}% active" for d in dims
+    ]
+    ax.set_xticks(range(len(dims)), labels, fontsize="small")
+    ax.set_yticks(range(len(genes)), genes, fontsize="small")
+    ax.set_xlabel("latent dimension")
+    ax.set_title(f"Gene programs ({key})", fontsize="medium")
+    fig.colorbar(image, ax=ax, label="loading")
+    shown = _savefig_or_show("gene_programs", show=show, save=save, fig=fig)
     return None if shown else ax

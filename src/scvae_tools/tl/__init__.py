@@ -1,7 +1,20 @@
-"""Tools: train the models, map query data onto them and evaluate their latent spaces."""
+"""Tools: train the models, map query data onto them, evaluate their latent spaces, and read
+genes off their decoders."""
 
 from ._evaluate import evaluate, tsne3d
+from ._expression import gene_programs, normalized_expression, rank_genes_groups
 from ._mapping import map_query, transfer_labels
 from ._tools import ae, vae, vsc
 
-__all__ = ["ae", "evaluate", "map_query", "transfer_labels", "tsne3d", "vae", "vsc"]
+__all__ = [
+    "ae",
+    "evaluate",
+    "gene_programs",
+    "map_query",
+    "normalized_expression",
+    "rank_genes_groups",
+    "transfer_labels",
+    "tsne3d",
+    "vae",
+    "vsc",
+]
