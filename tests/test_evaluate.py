@@ -351,9 +351,7 @@ def test_tsne3d_writes_a_3d_embedding_scanpy_can_plot():
         sv.tl.tsne3d(adata, "X_nope")
 
 
-def test_reproduce_cli_on_bundled_data_writes_report_csv_and_figures(
-    tmp_path, capsys, monkeypatch
-):
+def test_reproduce_cli_on_bundled_data_writes_report_csv_and_figures(tmp_path, capsys, monkeypatch):
     from scvae_tools._reproduce import WRITEUP_CONFIG
 
     params = {}

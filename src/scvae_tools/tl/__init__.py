@@ -1,5 +1,4 @@
-"""Tools: train the models, map query data onto them, evaluate their latent spaces, and read
-genes off their decoders."""
+"""Tools: train, map queries, evaluate latent spaces, read genes off the decoders."""
 
 from ._evaluate import evaluate, tsne3d
 from ._expression import gene_programs, normalized_expression, rank_genes_groups
