@@ -1,12 +1,13 @@
 """Latent quality of sv.tl.ae/vae/vsc under the write-up's protocol, against PCA, in one run.
 
 PBMC3k from ../shared/data after sv.pp.recipe_seurat, the write-up's own 9 Seurat clusters as
-labels, the tools' default hyperparameters; t-SNE (perplexity 40) + k-means (k = 9,
+labels, the tools' default hyperparameters (--writeup: the write-up's); t-SNE (perplexity 40) + k-means (k = 9,
 n_init = 100) scored by NMI/ARI, mean ± std over --n-seeds seeds (sv.tl.evaluate). Baseline in
 the same run: PCA with 10 components on the 2,000 scaled HVGs (Seurat's own representation).
 
     python benchmarks/bench_quality.py                 # PBMC3k, 5 seeds (~10 min on 2 cores)
     python benchmarks/bench_quality.py --data pbmc68k  # scanpy's bundled pbmc68k_reduced
+    python benchmarks/bench_quality.py --writeup       # the write-up's configuration
     python benchmarks/bench_quality.py --set beta=1 --set n_latent=10   # other hyperparameters
     python benchmarks/bench_quality.py --ceiling       # + two reference representations
     python benchmarks/bench_quality.py --scvi          # + scvi-tools' SCVI (the bench extra)
@@ -302,6 +303,11 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="hyperparameter override for every model (JSON value), e.g. --set n_latent=10",
     )
+    parser.add_argument(
+        "--writeup",
+        action="store_true",
+        help="the write-up's configuration (scvae-tools reproduce's), not the tools' defaults",
+    )
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline")
     parser.add_argument(
         "--ceiling",
@@ -330,16 +336,20 @@ def main() -> None:
             steps_figure(args.steps_figure, args.models)
         return
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    from scvae_tools._reproduce import WRITEUP_CONFIG
 
     adata, label_key = load(args.data)
     print(
         f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes; labels {label_key!r} "
-        f"({adata.obs[label_key].nunique()} classes); overrides {overrides or 'none'}"
+        f"({adata.obs[label_key].nunique()} classes); "
+        f"{'the write-up configuration' if args.writeup else 'the tools defaults'}, "
+        f"overrides {overrides or 'none'}"
     )
     reps, seconds = [], {}
     for m in args.models:
         t = time.perf_counter()
-        getattr(sv.tl, m)(adata, progress=False, **overrides)
+        config = {**(WRITEUP_CONFIG[m] if args.writeup else {}), **overrides}
+        getattr(sv.tl, m)(adata, progress=False, **config)
         seconds[f"X_{m}"] = time.perf_counter() - t
         reps.append(f"X_{m}")
         p = adata.uns[m]["params"]
