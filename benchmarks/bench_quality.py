@@ -1,9 +1,10 @@
 """Latent quality of sv.tl.ae/vae/vsc under the write-up's protocol, against PCA, in one run.
 
 PBMC3k from ../shared/data after sv.pp.recipe_seurat, the write-up's own 9 Seurat clusters as
-labels, the tools' default hyperparameters (--writeup: the write-up's); t-SNE (perplexity 40) + k-means (k = 9,
-n_init = 100) scored by NMI/ARI, mean ± std over --n-seeds seeds (sv.tl.evaluate). Baseline in
-the same run: PCA with 10 components on the 2,000 scaled HVGs (Seurat's own representation).
+labels, the tools' default hyperparameters (--writeup: the write-up's); t-SNE (perplexity 40)
++ k-means (k = 9, n_init = 100) scored by NMI/ARI, mean ± std over --n-seeds seeds
+(sv.tl.evaluate). Baseline in the same run: PCA with 10 components on the 2,000 scaled HVGs
+(Seurat's own representation).
 
     python benchmarks/bench_quality.py                 # PBMC3k, 5 seeds (~10 min on 2 cores)
     python benchmarks/bench_quality.py --data pbmc68k  # scanpy's bundled pbmc68k_reduced
