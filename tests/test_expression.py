@@ -128,6 +128,17 @@ def test_gaussian_is_the_reconstruction_on_the_input_scale():
     assert not np.allclose(out.sum(1), 1.0)  # log scale, not proportions
     with pytest.raises(ValueError, match="count likelihoods only"):
         model.normalized_expression(adata, library_size=1e4)
+    # DE goes back from log1p: scaled input (negative values) is refused, not misread.
+    adata.obs["group"] = pd.Categorical(np.arange(adata.n_obs) % 2 == 0).rename_categories(
+        ["a", "b"]
+    )
+    assert model.differential_expression(adata, "group", "a", n_samples=5).shape[0] == 40
+    scaled = adata.copy()
+    sc.pp.scale(scaled)
+    before = scaled.X.copy()
+    with pytest.raises(ValueError, match="negative values"):
+        model.differential_expression(scaled, "group", "a", n_samples=5)
+    np.testing.assert_array_equal(scaled.X, before)
 
 
 def test_transform_batch_changes_the_output_only_through_the_batch(batched):

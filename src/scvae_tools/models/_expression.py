@@ -85,6 +85,20 @@ def _check_transform_batch(model: LatentModel, transform_batch: Any) -> list[int
     return [model.batch_categories.index(n) for n in dict.fromkeys(names)]
 
 
+def _require_log1p(X: Any) -> None:
+    """A Gaussian model's DE goes back from ``log1p`` values: refuse negative (scaled) input."""
+    block = X[: min(X.shape[0], 10_000)]
+    block = block.to_memory() if hasattr(block, "to_memory") else block
+    values = block.data if sp.issparse(block) else np.asarray(block)
+    if values.size and float(values.min()) < 0:
+        raise ValueError(
+            "Differential expression with a Gaussian model reads its output as log1p of "
+            "normalised expression, but this input has negative values (scaled data?), so "
+            "fold changes would mean nothing. Train and call the model on log-normalised "
+            "values (layer=...), or use a count likelihood on the counts."
+        )
+
+
 def prepare_cells(
     model: LatentModel,
     adata: AnnData,
@@ -359,6 +373,8 @@ def differential_expression(
     pos1, pos2 = where[: len(rows1)], where[len(rows1) :]
 
     scale = "proportions" if LIKELIHOODS[model.likelihood].counts else "linear"
+    if scale == "linear":
+        _require_log1p(cells.X)
     factor = DE_SCALE if scale == "proportions" else 1.0
     rng = np.random.default_rng(random_state)
     generator = torch.Generator(device=model.device).manual_seed(random_state)

@@ -891,7 +891,9 @@ def gene_programs(
     labels = [
         f"{d}" if not np.isfinite(share[d]) else f"{d}\n{100 * share[d]:.0f}% active" for d in dims
     ]
-    ax.set_xticks(range(len(dims)), labels, fontsize="small")
+    # Upright labels collide beyond a few dimensions (two lines each: index, share active).
+    rotation = 0 if len(dims) <= 5 else 90
+    ax.set_xticks(range(len(dims)), labels, fontsize="small", rotation=rotation)
     ax.set_yticks(range(len(genes)), genes, fontsize="small")
     ax.set_xlabel("latent dimension")
     ax.set_title(f"Gene programs ({key})", fontsize="medium")
