@@ -663,10 +663,14 @@ def test_linear_decoder_reads_the_code_directly_and_is_recorded(name):
     layers = [m for m in shallow.module.decoder_body if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in layers] == [(6 + 2, 128)]
     assert shallow.module.output_layer.weight.shape == (adata.n_vars, 128 + 2)
-    # The default call records the default.
-    TOOLS[name](adata, key_added="default", **FAST)
-    default = inspect.signature(TOOLS[name]).parameters["decoder"].default
-    assert adata.uns["default"]["params"]["decoder"] == default
+    # The default, "auto": linear for one sample, shallow with batches; params say which.
+    assert inspect.signature(TOOLS[name]).parameters["decoder"].default == "auto"
+    one = TOOLS[name](adata, key_added="one", return_model=True, **FAST)
+    assert adata.uns["one"]["params"]["decoder"] == "linear"
+    assert len(one.module.decoder_body) == 0
+    two = TOOLS[name](adata, batch_key="batch", key_added="two", return_model=True, **FAST)
+    assert adata.uns["two"]["params"]["decoder"] == "shallow"
+    assert len([m for m in two.module.decoder_body if isinstance(m, torch.nn.Linear)]) == 1
     with pytest.raises(ValueError, match="`decoder` must be one of"):
         TOOLS[name](adata, decoder="deep", **FAST)
 
@@ -729,7 +733,7 @@ def test_cli_train_with_likelihood_and_batch_key(tmp_path, capsys):
     # Unset, --decoder and --encode-covariates leave the tools' defaults; set, they are obeyed.
     defaults = inspect.signature(sv.tl.vae).parameters
     for flags, decoder, encode in (
-        ([], defaults["decoder"].default, defaults["encode_covariates"].default),
+        ([], "shallow", defaults["encode_covariates"].default),  # "auto" with a batch_key
         (["--decoder", "mlp", "--encode-covariates"], "mlp", True),
         (["--decoder", "linear", "--no-encode-covariates"], "linear", False),
     ):

@@ -58,7 +58,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         choices=("linear", "shallow", "mlp"),
         default=None,
         help="linear: code (and batch) to genes in one layer, as LDVAE; shallow: one hidden "
-        "layer, as scVI; mlp: the encoder's widths mirrored, the write-up's (the tools' default)",
+        "layer, as scVI; mlp: the encoder's widths mirrored, the write-up's (default: linear, "
+        "shallow with --batch-key)",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
     parser.add_argument(
@@ -115,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --batch-key, also feed the batch to the encoder; needed for a reference "
-        "that `scvae-tools map` maps queries onto (the tools' default)",
+        "that `scvae-tools map` maps queries onto (off)",
     )
     train.add_argument("--beta", type=float, default=2.0, help="KL weight, vae/vsc (2.0)")
     train.add_argument(
