@@ -96,6 +96,10 @@ nitpick_ignore = [
     ("py:func", "scanpy.pp.log1p"),
     ("py:func", "scanpy.pp.neighbors"),
     ("py:func", "scanpy.read_10x_mtx"),
+    ("py:func", "scanpy.tl.rank_genes_groups"),
+    ("py:func", "scanpy.get.rank_genes_groups_df"),
+    # scikit-learn: the neighbour search that label transfer uses.
+    ("py:class", "sklearn.neighbors.NearestNeighbors"),
     ("py:meth", "anndata.AnnData.var_names_make_unique"),
     # torch: the models are torch modules working on tensors.
     ("py:class", "torch.Tensor"),
@@ -105,9 +109,11 @@ nitpick_ignore = [
     ("py:class", "torch.nn.Sequential"),
     ("py:class", "torch.nn.modules.module.Module"),
     ("py:class", "torch.nn.modules.container.Sequential"),
+    ("py:class", "torch.nn.parameter.Parameter"),
     ("py:class", "anndata._core.anndata.AnnData"),  # where AnnData is defined
     # the standard library's typing names, as sphinx-autodoc-typehints links them.
     ("py:class", "collections.abc.Sequence"),
+    ("py:class", "collections.abc.Iterator"),
     ("py:class", "os.PathLike"),
     ("py:class", "pathlib.Path"),
     ("py:data", "typing.Any"),

@@ -123,7 +123,7 @@ class AutoencoderModule(nn.Module):
 
         Returns
         -------
-        The name of each such parameter (as in :meth:`state_dict`) and the index of its first
+        The name of each such parameter (as in ``state_dict()``) and the index of its first
         batch column along dim 1; the ``n_batches`` columns from there act on the one-hot. The
         encoder's covariate layer (``encode_covariates``), every decoder layer and the
         likelihood's output layer(s). Empty without batches.
@@ -146,7 +146,7 @@ class AutoencoderModule(nn.Module):
 
         Architecture surgery as scArches: each weight of :meth:`batch_columns` is split into
         its columns for batches ``first`` to ``n_batches - 1``, a new trainable parameter, and
-        the rest, frozen (:class:`~scvae_tools.models.InsertedColumns`); every other parameter
+        the rest, frozen (``InsertedColumns``); every other parameter
         is frozen too. On leaving, the parts are joined back into ordinary parameters (the
         frozen values bit for bit) and ``requires_grad`` is restored.
 

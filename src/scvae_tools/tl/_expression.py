@@ -62,8 +62,8 @@ def normalized_expression(
 ) -> AnnData | None:
     """Write the model's normalised expression of every cell as a layer.
 
-    Computes :meth:`LatentModel.normalized_expression` (see it for the scale: proportions
-    times ``library_size`` for count likelihoods, the log-scale reconstruction for the
+    Computes :meth:`~scvae_tools.models.LatentModel.normalized_expression` (see it for the scale:
+    proportions times ``library_size`` for count likelihoods, the log-scale reconstruction for the
     Gaussian) and stores it in ``adata.layers[layer_added]``.
 
     Parameters
@@ -76,13 +76,13 @@ def normalized_expression(
     layer_added
         Name of the layer written (default ``"scvae_normalized"``).
     layer, batch_key, transform_batch, library_size, batch_size
-        As in :meth:`LatentModel.normalized_expression`.
+        As in :meth:`~scvae_tools.models.LatentModel.normalized_expression`.
     genes
         Compute only these genes: the layer is then a CSR matrix that stores their columns
         only (the others are empty, i.e. not computed, not zero expression). None: all genes,
         a dense float32 layer.
     max_bytes
-        Largest layer written, in bytes (default :data:`MAX_LAYER_BYTES`, 4 GiB). The size is
+        Largest layer written, in bytes (default ``MAX_LAYER_BYTES``, 4 GiB). The size is
         estimated before anything is computed (4 bytes per value dense, 8 per stored value
         sparse); a larger one raises, naming the size, instead of filling the memory.
     copy
@@ -99,7 +99,7 @@ def normalized_expression(
     ------
     ValueError
         The layer would exceed ``max_bytes`` (pass ``genes=`` to compute fewer), or what
-        :meth:`LatentModel.normalized_expression` raises.
+        :meth:`~scvae_tools.models.LatentModel.normalized_expression` raises.
     """
     model = _check_model(model, adata)
     layer_added = _check_key("layer_added", layer_added)
@@ -175,10 +175,10 @@ def rank_genes_groups(
 ) -> AnnData | None:
     """Rank genes of each group against the rest with the model, in scanpy's format.
 
-    Runs :meth:`LatentModel.differential_expression` for each group against all other cells
-    and writes ``adata.uns[key_added]`` in the structure of :func:`scanpy.tl.rank_genes_groups`,
-    so that :func:`scanpy.get.rank_genes_groups_df` and ``sc.pl.rank_genes_groups_*`` (dot
-    plots, matrix plots...) read it unchanged.
+    Runs :meth:`~scvae_tools.models.LatentModel.differential_expression` for each group against all
+    other cells and writes ``adata.uns[key_added]`` in the structure of
+    :func:`scanpy.tl.rank_genes_groups`, so that :func:`scanpy.get.rank_genes_groups_df` and
+    ``sc.pl.rank_genes_groups_*`` (dot plots, matrix plots...) read it unchanged.
 
     Parameters
     ----------
@@ -193,7 +193,7 @@ def rank_genes_groups(
     key_added
         ``uns`` key written (default ``"rank_genes_groups"``, scanpy's).
     layer, batch_key, transform_batch, delta, fdr_target, n_samples, max_cells, pseudocount
-        As in :meth:`LatentModel.differential_expression`.
+        As in :meth:`~scvae_tools.models.LatentModel.differential_expression`.
     random_state
         Seed; group ``i`` (in order) uses ``random_state + i``.
     copy
@@ -216,8 +216,8 @@ def rank_genes_groups(
         frequentist p-value.
     ``pvals_adj``
         The posterior expected FDR of the genes ranked up to this one by ``prob_de`` (genes
-        with ``pvals_adj <= fdr_target`` are those :meth:`LatentModel.differential_expression`
-        calls ``is_de``).
+        with ``pvals_adj <= fdr_target`` are those
+        :meth:`~scvae_tools.models.LatentModel.differential_expression` calls ``is_de``).
     ``pts``, ``pts_rest``
         DataFrames (genes x groups): fraction of cells of the group, and of the rest, with a
         non-zero value in the data.
@@ -228,7 +228,8 @@ def rank_genes_groups(
     Raises
     ------
     ValueError, KeyError
-        As :meth:`LatentModel.differential_expression`, or an unknown group in ``groups``.
+        As :meth:`~scvae_tools.models.LatentModel.differential_expression`, or an unknown group in
+        ``groups``.
     """
     model = _check_model(model, adata)
     key_added = _check_key("key_added", key_added)
@@ -360,8 +361,8 @@ def gene_programs(
         ``varm`` and ``uns`` key written; default ``"{kind}_programs"`` (e.g.
         ``"vsc_programs"``).
     layer, batch_key, batch_size
-        As in :meth:`LatentModel.normalized_expression` (cells are decoded with their own
-        batches).
+        As in :meth:`~scvae_tools.models.LatentModel.normalized_expression` (cells are decoded with
+        their own batches).
     copy
         Work on a copy of ``adata`` and return it.
 
