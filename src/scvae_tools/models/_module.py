@@ -71,8 +71,11 @@ class AutoencoderModule(nn.Module):
         Feed the one-hot batch to the encoder's first hidden layer too (scVI's
         ``encode_covariates``). Off by default.
     decoder
-        ``"mlp"``: the encoder's widths mirrored (the write-up's decoder). ``"linear"``: the
-        output layer reads the code (and the one-hot batch) directly, as scvi-tools' LDVAE.
+        ``"mlp"``: the encoder's widths mirrored (the write-up's decoder; the default here, so
+        that models saved before the ``decoder`` option load as they were trained).
+        ``"linear"``: the output layer reads the code (and the one-hot batch) directly, as
+        scvi-tools' LDVAE. ``"shallow"``: one hidden layer as wide as the encoder's first, as
+        scVI's decoder. The tools choose with their ``decoder="auto"``.
     """
 
     def __init__(
