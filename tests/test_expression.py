@@ -80,8 +80,16 @@ def batched():
 @pytest.fixture(scope="module")
 def planted():
     adata = planted_de()
+    # The MLP decoder: its loadings are the Jacobian (a test below), not exact weights.
     model = sv.tl.vae(
-        adata, likelihood="nb", beta=1.0, n_latent=4, epochs=40, batch_size=64, **QUIET
+        adata,
+        likelihood="nb",
+        decoder="mlp",
+        beta=1.0,
+        n_latent=4,
+        epochs=40,
+        batch_size=64,
+        **QUIET,
     )
     return adata, model
 

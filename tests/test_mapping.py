@@ -346,8 +346,10 @@ def test_train_batches_only_restores_ordinary_parameters_even_on_error():
     state = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(RuntimeError, match="stop"), module.train_batches_only(2) as trainable:
         # One new column in each weight that reads the batch, nothing else: the encoder's,
-        # 3 decoder layers', and the output and zero-inflation layers' of the ZINB.
-        assert len(trainable) == len(model.module.batch_columns()) == 6
+        # the shallow decoder's hidden layer (the default with a batch_key), and the output
+        # and zero-inflation layers' of the ZINB.
+        assert model.config["decoder"] == "shallow"
+        assert len(trainable) == len(model.module.batch_columns()) == 4
         assert all(p.shape[1] == 1 for p in trainable)
         raise RuntimeError("stop")
     assert [name for name, _ in module.named_parameters()] == names

@@ -142,7 +142,8 @@ def test_bfloat16_precision_trains_like_float32_and_is_recorded(monkeypatch):
 @pytest.mark.parametrize("sparse", [True, False])
 def test_output_layer_padding_stays_zero_through_training(sparse):
     adata = log_adata(sparse=sparse)
-    layer = sv.tl.vsc(adata, return_model=True, **FAST).module.output_layer
+    # The MLP decoder's 128-wide output layer: 128 + 1 bias column padded to 136.
+    layer = sv.tl.vsc(adata, decoder="mlp", return_model=True, **FAST).module.output_layer
     torch.manual_seed(0)  # the initial weights of random_state=0
     init = sv.models.AutoencoderModule(adata.n_vars, "spike_slab").output_layer
     assert layer.packed.shape == (adata.n_vars, 136)
