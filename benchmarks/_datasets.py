@@ -300,19 +300,15 @@ _ENTRIES = [
         pbmc68k_reduced,
         "scanpy's bundled 700 PBMCs, 765 scaled HVGs, FACS-sorted bulk_labels",
     ),
-    DataSet(
-        "celseq2",
-        "single",
-        lambda: from_counts(cellbench_counts(("celseq2",))),
-        "CellBench RNA mixtures on CEL-seq2 alone, 7 mixtures",
-        needs=CELLBENCH_DIR,
-    ),
-    DataSet(
-        "sortseq",
-        "single",
-        lambda: from_counts(cellbench_counts(("sortseq",))),
-        "CellBench RNA mixtures on SORT-seq alone, 7 mixtures",
-        needs=CELLBENCH_DIR,
+    *(
+        DataSet(
+            protocol,
+            "single",
+            partial(lambda p: from_counts(cellbench_counts((p,))), protocol),
+            f"CellBench RNA mixtures on {name} alone, 7 mixtures",
+            needs=CELLBENCH_DIR,
+        )
+        for protocol, name in (("celseq2", "CEL-seq2"), ("sortseq", "SORT-seq"))
     ),
     *(
         DataSet(
