@@ -36,14 +36,23 @@ centred per dimension on their median over genes and ranked by absolute value. S
 programs matched one-to-one to dimensions (Hungarian, on the overlap of each dimension's top 20
 genes with each program), the mean share of a program's 20 genes in its dimension's top 20.
 
+**memory**. In a fresh process, as ``bench_training.py``'s memory section: a synthetic
+200,000 x 20,000 CSR of counts (1,000 non-zeros per cell, values 1-20; ``--mem-shape``), an NB
+VAE trained on it for one epoch, then ``model.normalized_expression`` of 100 genes for every
+cell, ``sv.tl.normalized_expression`` of all genes (which must refuse, naming the size, rather
+than fill the memory: 16 GB dense), and ``model.differential_expression`` of one of three
+random groups against the rest. Peak RSS of each step, against the bound of
+``bench_training.py``: the CSR's size + 1.5 GB.
+
     python benchmarks/bench_expression.py                          # all parts, default sets
-    python benchmarks/bench_expression.py --parts mcv --sets celseq2 --seeds 0 1 2
+    python benchmarks/bench_expression.py --parts mcv --sets cellbench --seeds 0 1 2
     python benchmarks/bench_expression.py --epochs 1 --sets pbmc3k_300 --de-splits 1 \
         --de-groups 2 --programs 3                 # smoke check, ~45 s on 2 cores
 
 Needs the ``bench`` extra (scvi-tools) unless ``--no-scvi``, and ``../shared/data`` for the
 real sets. Every model (ours and scvi-tools') trains for ``--epochs`` (default 200) on all
-cells, without early stopping.
+cells, without early stopping, and at its defaults otherwise; on a set of several batches
+(``cellbench``: CEL-seq2 and SORT-seq) with ``batch_key="batch"``, ours and scVI alike.
 """
 
 from __future__ import annotations
@@ -66,8 +75,8 @@ from scipy.optimize import linear_sum_assignment
 
 import scvae_tools as sv
 
-PARTS = ("mcv", "de", "programs")
-DEFAULT_SETS = ("pbmc3k", "celseq2")
+PARTS = ("mcv", "de", "programs", "memory")
+DEFAULT_SETS = ("pbmc3k", "cellbench")
 FDR = 0.05
 
 
@@ -95,7 +104,8 @@ def binomial_split(counts: sp.csr_matrix, seed: int) -> tuple[sp.csr_matrix, sp.
 
 def half(adata: sc.AnnData, counts: sp.csr_matrix) -> sc.AnnData:
     """An AnnData of one half: ``X`` the counts, ``layers["log"]`` log1p(normalize_total 1e4)."""
-    out = sc.AnnData(counts.copy(), obs=adata.obs[["label"]].copy(), var=adata.var[[]].copy())
+    keep = [c for c in ("label", "batch") if c in adata.obs]
+    out = sc.AnnData(counts.copy(), obs=adata.obs[keep].copy(), var=adata.var[[]].copy())
     out.layers["counts"] = counts.copy()
     logged = out.copy()
     sc.pp.normalize_total(logged, target_sum=1e4)
@@ -141,12 +151,19 @@ def pca_proportions(log_x: sp.csr_matrix, n_comps: int, seed: int) -> np.ndarray
     return np.maximum(np.expm1(np.clip(recon, 0.0, None)), 0.0) + 1e-8
 
 
+def batch_key(adata: sc.AnnData) -> str | None:
+    """``"batch"`` on a set of several batches: every model, ours and scVI, is batch-aware."""
+    if "batch" in adata.obs and adata.obs["batch"].nunique() > 1:
+        return "batch"
+    return None
+
+
 def scvi_model(train: sc.AnnData, epochs: int, n_latent: int, seed: int, linear: bool = False):
     scvi = quiet_scvi()
     scvi.settings.seed = seed
     data = train.copy()
     cls = scvi.model.LinearSCVI if linear else scvi.model.SCVI
-    cls.setup_anndata(data, layer="counts")
+    cls.setup_anndata(data, layer="counts", batch_key=batch_key(data))
     model = cls(data, n_latent=n_latent, gene_likelihood="nb")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -169,6 +186,7 @@ def sv_model(train: sc.AnnData, tool: str, likelihood: str, epochs: int, n_laten
         likelihood=likelihood,
         layer=layer,
         n_latent=n_latent,
+        batch_key=batch_key(train),
         epochs=epochs,
         random_state=seed,
         progress=False,
@@ -271,7 +289,7 @@ def run_de(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             if scvi is not None:
                 m, _ = scvi
                 data = cells.copy()
-                m.__class__.setup_anndata(data, layer="counts")
+                m.__class__.setup_anndata(data, layer="counts", batch_key=batch_key(train))
                 table = m.differential_expression(
                     data, groupby="half", group1="0", group2="1", mode="change", delta=0.25
                 )
@@ -402,6 +420,101 @@ def run_programs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+
+def memory_child(shape: list[int]) -> None:
+    """In a fresh process: each step's peak RSS on the synthetic CSR, one JSON line."""
+    from _common import current_rss
+    from bench_training import _process_peak, csr_nbytes, synthetic_csr
+
+    n_cells, n_genes, nnz = shape
+    rss = {"imports": current_rss()}
+    X = synthetic_csr(n_cells, n_genes, nnz, seed=0)
+    # synthetic_csr's values are log-like (log 2..log 21): make them counts 1..20 in place.
+    np.expm1(X.data, out=X.data)
+    np.rint(X.data, out=X.data)
+    groups = np.random.default_rng(0).integers(0, 3, n_cells).astype(str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = sc.AnnData(X, obs=pd.DataFrame({"group": pd.Categorical(groups)}))
+    rss["csr"] = current_rss()
+    steps: dict[str, Any] = {}
+
+    def step(name: str, fn) -> Any:
+        start = time.perf_counter()
+        out = fn()
+        steps[name] = {"peak": _process_peak(), "s": time.perf_counter() - start}
+        return out
+
+    model = step(
+        "train (NB VAE, 1 epoch)",
+        lambda: sv.tl.vae(
+            adata, likelihood="nb", epochs=1, progress=False, return_model=True, device="cpu"
+        ),
+    )
+    genes = list(adata.var_names[:100])
+    step(
+        "normalized_expression, 100 genes",
+        lambda: model.normalized_expression(adata, genes=genes),
+    )
+
+    def refused() -> str:
+        try:
+            sv.tl.normalized_expression(adata, model)
+        except ValueError as err:
+            return str(err)
+        return "written (not refused)"
+
+    message = step("sv.tl.normalized_expression, all genes", refused)
+    table = step(
+        "differential_expression, group 0 vs rest",
+        lambda: model.differential_expression(adata, "group", "0"),
+    )
+    out = {
+        "shape": shape,
+        "csr_bytes": csr_nbytes(X),
+        "rss": rss,
+        "steps": steps,
+        "refusal": message.splitlines()[0][:200],
+        "de_genes_called": int(table["is_de"].sum()),
+    }
+    print("BENCH_JSON " + json.dumps(out), flush=True)
+
+
+def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", "--mem-shape"]
+    cmd += [str(v) for v in args.mem_shape]
+    log(f"memory: {' x '.join(map(str, args.mem_shape))} CSR in a fresh process")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        return [{"step": "FAILED", "error": f"exit {proc.returncode}: {tail}"}]
+    res = json.loads(lines[-1].removeprefix("BENCH_JSON "))
+    bound = res["csr_bytes"] + 1.5 * 2**30
+    rows = []
+    for name, v in res["steps"].items():
+        rows.append(
+            {
+                "step": name,
+                "peak_mb": v["peak"] / 2**20,
+                "bound_mb": bound / 2**20,
+                "within": v["peak"] < bound,
+                "seconds": v["s"],
+            }
+        )
+    rows.append({"step": "refusal", "message": res["refusal"]})
+    rows.append({"step": "csr", "csr_mb": res["csr_bytes"] / 2**20, **res["rss"]})
+    log(f"memory: {rows}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -429,6 +542,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=100)
     parser.add_argument("--programs", type=int, default=5)
     parser.add_argument("--no-scvi", dest="scvi", action="store_false")
+    parser.add_argument(
+        "--mem-shape",
+        nargs=3,
+        type=int,
+        default=[200_000, 20_000, 1_000],
+        metavar=("CELLS", "GENES", "NNZ"),
+        help="synthetic CSR of the memory part (200000 20000 1000)",
+    )
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write every row here")
     return parser.parse_args(argv)
 
@@ -436,6 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     args = parse_args(argv)
     sc.settings.verbosity = 0
+    if args.memory_child:
+        memory_child(args.mem_shape)
+        return {}
     results: dict[str, list[dict[str, Any]]] = {}
     if "mcv" in args.parts:
         results["mcv"] = [r for name in args.sets for r in run_mcv(name, args)]
@@ -443,6 +568,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         results["de"] = [r for name in args.sets for r in run_de(name, args)]
     if "programs" in args.parts:
         results["programs"] = run_programs(args)
+    if "memory" in args.parts:
+        results["memory"] = run_memory(args)
     print(
         f"# bench_expression ({git_commit()}, {cpu_model()}, scvae-tools "
         f"{version('scvae-tools')}, scvi-tools {version('scvi-tools')})\n"
@@ -464,6 +591,32 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     if "programs" in results:
         print(f"## Planted programs ({args.programs}): share recovered (Hungarian-matched)\n")
         print(summarise(pd.DataFrame(results["programs"]), ["method"], "recovered"), "\n")
+    if "memory" in results:
+        rows = results["memory"]
+        print(f"## Memory: {' x '.join(map(str, args.mem_shape))} CSR of counts\n")
+        steps = [r for r in rows if "peak_mb" in r]
+        if steps:
+            print(
+                markdown_table(
+                    ["step", "peak RSS (MB)", "bound: CSR + 1.5 GB (MB)", "within", "s"],
+                    [
+                        [
+                            r["step"],
+                            f"{r['peak_mb']:,.0f}",
+                            f"{r['bound_mb']:,.0f}",
+                            "yes" if r["within"] else "NO",
+                            f"{r['seconds']:.1f}",
+                        ]
+                        for r in steps
+                    ],
+                )
+            )
+        for r in rows:
+            if "message" in r:
+                print(f"\nsv.tl.normalized_expression of all genes: {r['message']}")
+            if "error" in r:
+                print(f"FAILED: {r['error']}")
+        print()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return results
