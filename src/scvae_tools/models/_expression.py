@@ -362,7 +362,9 @@ def differential_expression(
     rows1, rows2 = np.flatnonzero(mask1), np.flatnonzero(mask2)
     rows = np.concatenate([rows1, rows2])
     order = np.argsort(rows)
-    sub = adata[np.sort(rows)]
+    # A view's X is a copy of its rows: with every cell in the comparison (group1 against the
+    # rest) use the AnnData itself, so that a 1.5 GB matrix is not held twice.
+    sub = adata if len(rows) == adata.n_obs else adata[np.sort(rows)]
     cells = prepare_cells(
         model, sub, layer=layer, batch_key=batch_key, transform_batch=transform_batch
     )
