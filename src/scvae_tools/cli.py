@@ -155,10 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Train only new one-hot batch columns of a saved model (from `train --batch-key COL "
             "--encode-covariates --decoder linear --save-model MODEL.pt`) on the query's new "
-            "batches, the "
-            "reference's weights frozen, and write the query's latent space (obsm['X_<model>'], "
-            "uns['<model>']) into OUT. With --reference and --labels-key, also transfer the "
-            "reference's labels by a weighted kNN vote (obs['<labels>_pred'], "
+            "batches, the reference's weights frozen, and write the query's latent space "
+            "(obsm['X_<model>'], uns['<model>']) into OUT. With --reference and --labels-key, "
+            "also transfer the reference's labels by a weighted kNN vote (obs['<labels>_pred'], "
             "obs['<labels>_uncertainty'])."
         ),
     )

@@ -284,7 +284,7 @@ def map_query(
                 "encode_covariates=False), so mapping cannot move the query's codes: they are "
                 "the reference encoder's, and only the decoder learns the new batches. Train "
                 f"the reference with `sv.tl.{model.kind}(ref, batch_key=..., "
-                "encode_covariates=True, return_model=True)` to map queries.",
+                "encode_covariates=True, decoder='linear', return_model=True)` to map queries.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -299,7 +299,7 @@ def map_query(
             "This model was trained without a batch_key: the query is encoded by the reference "
             "encoder as it is, and nothing is trained, so its batch effect is not corrected. "
             f"Train the reference with `sv.tl.{model.kind}(ref, batch_key=..., "
-            "encode_covariates=True, return_model=True)` to map queries.",
+            "encode_covariates=True, decoder='linear', return_model=True)` to map queries.",
             UserWarning,
             stacklevel=2,
         )
