@@ -12,7 +12,7 @@ import torch
 from _synthetic import log_adata, two_batch_counts
 
 import scvae_tools as sv
-from scvae_tools.models._expression import fdr_de_prediction
+from scvae_tools.models._expression import default_pseudocount, fdr_de_prediction
 
 matplotlib.use("Agg")
 
@@ -220,6 +220,27 @@ def test_planted_fold_change_is_found_with_the_right_sign(planted):
     # group2=None is the rest, here group A; the same seed gives the same table.
     rest = model.differential_expression(adata, "group", "B")
     pd.testing.assert_frame_equal(rest, table)
+
+
+def test_default_pseudocount_is_one_count_of_the_median_cell(planted):
+    adata, model = planted
+    one_count = 1e4 / np.median(np.asarray(adata.X.sum(1)).ravel())
+    assert default_pseudocount(model, adata.X) == pytest.approx(one_count)
+    default = model.differential_expression(adata, "group", "B", "A")
+    pd.testing.assert_frame_equal(
+        default, model.differential_expression(adata, "group", "B", "A", pseudocount=one_count)
+    )
+    # A pseudocount far below one count lets every fold change grow (the same samples).
+    tiny = model.differential_expression(adata, "group", "B", "A", pseudocount=1e-3)
+    planted_genes = UP + DOWN
+    assert (
+        default.loc[planted_genes, "lfc_mean"].abs() < tiny.loc[planted_genes, "lfc_mean"].abs()
+    ).all()
+    assert default["lfc_mean"].abs().mean() < tiny["lfc_mean"].abs().mean()
+    # rank_genes_groups records the value it used (all cells': each group against the rest).
+    ranked = adata.copy()
+    sv.tl.rank_genes_groups(ranked, model, "group", n_samples=10)
+    assert ranked.uns["rank_genes_groups"]["params"]["pseudocount"] == pytest.approx(one_count)
 
 
 def test_fdr_control_takes_the_largest_set_within_the_target():

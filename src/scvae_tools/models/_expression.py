@@ -296,6 +296,20 @@ def _fraction_expressing(X: Any, rows: np.ndarray) -> np.ndarray:
     return hits / max(len(rows), 1)
 
 
+def default_pseudocount(model: LatentModel, X: Any) -> float:
+    """One count in the median cell, on the scale that differential expression compares.
+
+    Count likelihoods: ``DE_SCALE`` over the median total count of the cells of ``X`` (counts
+    per 10,000). A smaller one lets genes barely detected in either group reach large, noisy
+    fold changes. Gaussian: 1, the pseudocount of the ``log1p`` its input went through.
+    """
+    if not LIKELIHOODS[model.likelihood].counts:
+        return 1.0
+    totals = [np.asarray(block.sum(1)).ravel() for block in iter_row_blocks(X)]
+    median = float(np.median(np.concatenate(totals))) if totals else 0.0
+    return DE_SCALE / max(median, 1.0)
+
+
 @dataclass
 class _Posterior:
     """The encoded posterior of some cells, on the CPU: what :meth:`draw` needs."""
@@ -339,7 +353,7 @@ def differential_expression(
     fdr_target: float = 0.05,
     n_samples: int = 100,
     max_cells: int = 1000,
-    pseudocount: float = 0.1,
+    pseudocount: float | None = None,
     batch_size: int = 1024,
     random_state: int = 0,
 ) -> pd.DataFrame:
@@ -348,7 +362,8 @@ def differential_expression(
     fdr_target = check_float("fdr_target", fdr_target, low=0.0, high=1.0, open_low=False)
     n_samples = check_int("n_samples", n_samples, minimum=2)
     max_cells = check_int("max_cells", max_cells)
-    pseudocount = check_float("pseudocount", pseudocount, low=0.0, open_low=False)
+    if pseudocount is not None:
+        pseudocount = check_float("pseudocount", pseudocount, low=0.0, open_low=False)
     batch_size = check_int("batch_size", batch_size)
     random_state = check_int("random_state", random_state, minimum=0)
     check_anndata(adata)
@@ -378,6 +393,8 @@ def differential_expression(
     if scale == "linear":
         _require_log1p(cells.X)
     factor = DE_SCALE if scale == "proportions" else 1.0
+    if pseudocount is None:
+        pseudocount = default_pseudocount(model, cells.X)
     rng = np.random.default_rng(random_state)
     generator = torch.Generator(device=model.device).manual_seed(random_state)
 

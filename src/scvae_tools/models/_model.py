@@ -289,7 +289,7 @@ class LatentModel:
         fdr_target: float = 0.05,
         n_samples: int = 100,
         max_cells: int = 1000,
-        pseudocount: float = 0.1,
+        pseudocount: float | None = None,
         batch_size: int = 1024,
         random_state: int = 0,
     ) -> pd.DataFrame:
@@ -337,8 +337,14 @@ class LatentModel:
         max_cells
             Cells drawn from a group per sample (default 1,000).
         pseudocount
-            :math:`c`, added to the mean expression on the scale of counts per 10,000
-            (default 0.1), so that genes near zero in both groups have LFCs near zero.
+            :math:`c`, added to the mean expression before the logarithm, on the scale of
+            counts per 10,000 (count likelihoods) or of the normalised data (Gaussian).
+            None (default): one count in the median cell of the comparison, ``10,000 /
+            median total count`` (Gaussian: 1, that of ``log1p``). Genes barely detected in
+            either group then keep LFCs near zero instead of large, noisy ones: with 0.1 per
+            10,000, random halves of one CellBench population differed in up to 28 of 2,000
+            genes, and each PBMC3k population against the rest in 3,772-8,476 of 13,656
+            (``benchmarks/bench_expression.py``).
         batch_size
             Cells encoded or decoded at a time.
         random_state

@@ -16,7 +16,13 @@ from anndata import AnnData
 
 from .._checks import check_int
 from .._data import check_anndata, obs_column
-from ..models._expression import activity, fdr_de_prediction, gene_indices, gene_loadings
+from ..models._expression import (
+    activity,
+    default_pseudocount,
+    fdr_de_prediction,
+    gene_indices,
+    gene_loadings,
+)
 from ..models._likelihood import LIKELIHOODS
 from ..models._model import LatentModel
 
@@ -169,7 +175,7 @@ def rank_genes_groups(
     fdr_target: float = 0.05,
     n_samples: int = 100,
     max_cells: int = 1000,
-    pseudocount: float = 0.1,
+    pseudocount: float | None = None,
     random_state: int = 0,
     copy: bool = False,
 ) -> AnnData | None:
@@ -223,7 +229,8 @@ def rank_genes_groups(
         non-zero value in the data.
     ``params``
         ``groupby``, ``reference`` (``"rest"``), ``method`` (``"scvae_tools.<kind>"``),
-        ``use_raw`` (False), ``layer``, ``corr_method`` and the arguments above.
+        ``use_raw`` (False), ``layer``, ``corr_method`` and the arguments above
+        (``pseudocount``: the value used, also where it was left to its default).
 
     Raises
     ------
@@ -252,6 +259,9 @@ def rank_genes_groups(
             )
     if len(present) < 2:
         raise ValueError(f"adata.obs[{groupby!r}] has a single group; nothing to rank against.")
+    if pseudocount is None:
+        # Every group is compared with the rest, so all share the default (all cells').
+        pseudocount = default_pseudocount(model, model._matrix(adata, layer))
     fields: dict[str, dict[str, np.ndarray]] = {
         k: {} for k in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")
     }
