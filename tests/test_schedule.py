@@ -7,6 +7,7 @@ from _synthetic import log_adata
 import scvae_tools as sv
 from scvae_tools import _data, _schedule
 from scvae_tools._schedule import MIN_STEPS, auto_epochs, training_schedule
+from scvae_tools.models._module import LATENT_TYPES
 
 
 def _count_minibatches(monkeypatch):
@@ -56,12 +57,30 @@ def test_tiny_data_default_call_runs_more_epochs(monkeypatch):
     monkeypatch.setattr(_schedule, "MAX_EPOCHS", 5)
     adata = log_adata(n_cells=40, n_genes=20)  # fewer cells than a batch of 256
     sizes = _count_minibatches(monkeypatch)
-    sv.tl.ae(adata, hidden=(8,), progress=False)
-    params = adata.uns["ae"]["params"]
+    sv.tl.vae(adata, hidden=(8,), progress=False)
+    params = adata.uns["vae"]["params"]
     assert params["epochs_auto"] and params["batch_size"] == 256
     assert params["epochs"] == 30 == params["n_steps"] == len(sizes)  # not MAX_EPOCHS
     assert sizes == [40] * 30
-    assert len(adata.uns["ae"]["history"]["loss"]) == 30
+    assert len(adata.uns["vae"]["history"]["loss"]) == 30
+
+
+def test_the_ae_trains_longer_by_its_step_factor(monkeypatch):
+    monkeypatch.setattr(_schedule, "MIN_STEPS", 30)
+    monkeypatch.setattr(_schedule, "MAX_EPOCHS", 5)
+    factor = LATENT_TYPES["deterministic"].step_factor
+    assert factor > 1 and LATENT_TYPES["gaussian"].step_factor == 1
+    assert LATENT_TYPES["spike_slab"].step_factor == 1
+    steps = {}
+    for tool in ("ae", "vae", "vsc"):
+        adata = log_adata(n_cells=40, n_genes=20)
+        getattr(sv.tl, tool)(adata, hidden=(8,), progress=False)
+        steps[tool] = adata.uns[tool]["params"]["n_steps"]
+    assert steps == {"ae": 30 * factor, "vae": 30, "vsc": 30}
+    # An explicit length is obeyed by the AE too.
+    adata = log_adata(n_cells=40, n_genes=20)
+    sv.tl.ae(adata, hidden=(8,), epochs=7, progress=False)
+    assert adata.uns["ae"]["params"]["n_steps"] == 7
 
 
 @pytest.mark.parametrize(("epochs", "batch_size"), [(7, 13), (3, 500), (1, 1)])
@@ -119,7 +138,8 @@ def test_cli_epochs_auto_and_bad_value(tmp_path, capsys, monkeypatch):
     adata.write_h5ad(tmp_path / "in.h5ad")
     args = ["train", "ae", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad")]
     assert main([*args, "--epochs", "auto", "--batch-size", "25", "--hidden", "8", "--quiet"]) == 0
-    assert "10 epochs of batches of 25" in capsys.readouterr().out
+    factor = LATENT_TYPES["deterministic"].step_factor  # the AE's floor: 20 x factor steps
+    assert f"{10 * factor} epochs of batches of 25" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--epochs", "lots"])
     assert "integer or 'auto'" in capsys.readouterr().err

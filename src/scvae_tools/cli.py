@@ -39,8 +39,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--epochs",
         type=_int_or_auto,
         default="auto",
-        help="passes over all cells, or 'auto': at least 2,200 steps, else min(200, 8e6 / cells) "
-        "(auto)",
+        help="passes over all cells, or 'auto': at least 2,200 steps (4,400 for the AE), else "
+        "min(200, 8e6 / cells) (auto)",
     )
     parser.add_argument("--n-latent", type=int, default=6, help="latent dimensions (6)")
     parser.add_argument(

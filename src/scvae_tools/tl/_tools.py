@@ -31,8 +31,8 @@ from .._training import (
     train,
 )
 from ..models._likelihood import LIKELIHOODS, LikelihoodName
-from ..models._model import LatentModel, ModelKind
-from ..models._module import DECODER_WIDTHS, DecoderKind
+from ..models._model import MODEL_LATENT, LatentModel, ModelKind
+from ..models._module import DECODER_WIDTHS, LATENT_TYPES, DecoderKind
 
 __all__ = ["ae", "vae", "vsc"]
 
@@ -158,7 +158,8 @@ def _fit(
     matrix_name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     held = held_out_rows(X.shape[0], random_state) if early_stopping else None
     n_train = X.shape[0] - (0 if held is None else len(held))
-    schedule = training_schedule(n_train, epochs, batch_size)
+    step_factor = LATENT_TYPES[MODEL_LATENT[kind]].step_factor
+    schedule = training_schedule(n_train, epochs, batch_size, step_factor)
     batch_size = schedule.batch_size
     stopper = EarlyStopping(patience_steps(schedule)) if early_stopping else None
     counts_for = likelihood if LIKELIHOODS[likelihood].counts else None
@@ -329,7 +330,8 @@ _COMMON_DOC = """
         ``encode_covariates``).
     epochs
         Passes over all cells. ``"auto"``: at least 2,200 optimizer steps (the write-up's 200
-        epochs on PBMC3k), so more epochs below 2,560 cells; otherwise scVI's
+        epochs on PBMC3k), so more epochs below 2,560 cells, and twice as many for the AE,
+        which converges more slowly; otherwise scVI's
         ``round(8e6 / n_obs)``, capped at 200 (8 epochs for a million cells). An integer is
         obeyed exactly. The documentation's models page explains the rule.
     batch_size
