@@ -153,6 +153,53 @@ def test_output_layer_padding_stays_zero_through_training(sparse):
     assert not torch.allclose(layer.bias, init.bias)
 
 
+@pytest.mark.parametrize(
+    ("likelihood", "decoder"), [("gaussian", "linear"), ("nb", "linear"), ("gaussian", "shallow")]
+)
+def test_linear_decoder_starts_with_weights_scaled_by_each_genes_spread(likelihood, decoder):
+    adata = two_batch_counts(n_cells=200, n_genes=40) if likelihood == "nb" else log_adata()
+    X = adata.X.toarray().astype(np.float64)
+    X[:, 3] = X[0, 3]  # a constant gene: its initial weights must be zero
+    adata.X = sp.csr_matrix(X.astype(np.float32))
+    # A learning rate this small leaves the weights where they started (Adam's steps ~ lr).
+    model = sv.tl.vae(
+        adata, likelihood=likelihood, decoder=decoder, lr=1e-12, return_model=True, **FAST
+    )
+    torch.manual_seed(0)  # the initial weights of random_state=0, before any scaling
+    fresh = sv.models.AutoencoderModule(adata.n_vars, "gaussian", **model.config)
+    weight = model.module.output_layer.weight.detach().double()
+    init = fresh.output_layer.weight.detach().double()
+    if decoder == "shallow":  # a hidden layer between: PyTorch's initialisation, unscaled
+        np.testing.assert_allclose(weight, init, atol=1e-8)
+        return
+    spread = (np.log1p(X) if likelihood == "nb" else X).std(axis=0)
+    assert spread[3] == 0 and torch.all(weight[3].abs() < 1e-9)
+    np.testing.assert_allclose(weight, init * torch.from_numpy(spread)[:, None], atol=1e-8)
+    # the bias keeps its initialisation
+    np.testing.assert_allclose(
+        model.module.output_layer.bias.detach(), fresh.output_layer.bias.detach(), atol=1e-8
+    )
+
+
+def test_gene_std_matches_numpy_on_every_format_and_leaves_the_matrix_alone():
+    from scvae_tools._data import gene_std
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.5, size=(3000, 7)).astype(np.float32)
+    exact = dense.astype(np.float64)
+    for X in (dense, sp.csr_matrix(dense), sp.csc_matrix(dense)):
+        before = X.copy()
+        np.testing.assert_allclose(gene_std(X), exact.std(axis=0), rtol=1e-9)
+        np.testing.assert_allclose(gene_std(X, log1p=True), np.log1p(exact).std(axis=0), rtol=1e-9)
+        diff = X - before
+        assert (abs(diff).sum() if sp.issparse(diff) else np.abs(diff).sum()) == 0
+    # More cells than max_rows: a random draw, the same for the same random_state.
+    sub = gene_std(dense, max_rows=500, random_state=1)
+    assert np.array_equal(sub, gene_std(sp.csr_matrix(dense), max_rows=500, random_state=1))
+    assert not np.array_equal(sub, gene_std(dense, max_rows=500, random_state=2))
+    np.testing.assert_allclose(sub, exact.std(axis=0), rtol=0.15)
+
+
 def test_history_terms_per_model():
     adata = log_adata()
     for tool in TOOLS.values():

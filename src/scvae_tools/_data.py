@@ -37,6 +37,7 @@ __all__ = [
     "MinibatchLoader",
     "batch_covariates",
     "check_backed_format",
+    "gene_std",
     "get_matrix",
     "is_backed",
     "iter_row_blocks",
@@ -244,6 +245,51 @@ def _take_rows(X: Any, rows: np.ndarray) -> Any:
         return X[rows]
     # h5py dataset (backed dense), or array-likes such as np.matrix
     return np.asarray(X[rows])
+
+
+def gene_std(
+    X: Any, *, log1p: bool = False, max_rows: int = 10_000, random_state: int = 0
+) -> np.ndarray:
+    """Standard deviation of each gene over at most ``max_rows`` cells drawn at random.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_genes)``, any supported matrix (dense, CSR/CSC, backed). Not modified.
+    log1p
+        Take ``log(1 + x)`` first (the count likelihoods' encoder input).
+    max_rows
+        Cells read at most (default 10,000): the result only sets an initialisation scale.
+    random_state
+        Seed of the draw of cells.
+
+    Returns
+    -------
+    Shape ``(n_genes,)``, float64; 0 for a gene that is constant over the cells read.
+    """
+    n = X.shape[0]
+    rows = np.arange(n)
+    if n > max_rows:
+        rows = np.sort(np.random.default_rng(random_state).choice(n, max_rows, replace=False))
+    total = np.zeros(X.shape[1])
+    total_sq = np.zeros(X.shape[1])
+    # Chunks of rows, so a dense matrix of all genes is never copied whole in float64.
+    for first in range(0, len(rows), 1024):
+        block = _take_rows(X, rows[first : first + 1024])
+        if sp.issparse(block):
+            block = sp.csr_matrix(block, dtype=np.float64, copy=True)
+            if log1p:
+                block.data = np.log1p(block.data)
+            total += np.asarray(block.sum(axis=0)).ravel()
+            total_sq += np.asarray(block.multiply(block).sum(axis=0)).ravel()
+        else:
+            block = np.asarray(block, dtype=np.float64)
+            if log1p:
+                block = np.log1p(block)
+            total += block.sum(axis=0)
+            total_sq += (block * block).sum(axis=0)
+    mean = total / len(rows)
+    return np.sqrt(np.maximum(total_sq / len(rows) - mean * mean, 0.0))
 
 
 def iter_row_blocks(

@@ -68,6 +68,19 @@ class Likelihood(nn.Module):
         """The batch as the encoder sees it."""
         return batch
 
+    def scale_output_weights(self, gene_scale: torch.Tensor) -> None:
+        """Multiply each gene's row of the output layer's weights ``W`` by ``gene_scale``.
+
+        Used once, on the initial weights; the bias is left as it is.
+
+        Parameters
+        ----------
+        gene_scale
+            Shape ``(n_genes,)``.
+        """
+        with torch.no_grad():
+            self.output_layer.weight.mul_(gene_scale.to(self.output_layer.weight)[:, None])
+
     def forward(
         self, batch: Batch, h: torch.Tensor, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
