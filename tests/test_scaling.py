@@ -85,7 +85,7 @@ def test_backed_training_reads_blocks_and_matches_in_memory_quality(
     again.file.close()
 
 
-def test_backed_call_reads_the_data_once_per_epoch_plus_once_to_encode(
+def test_backed_call_reads_each_cell_once_per_epoch_to_encode_and_to_scale_the_decoder(
     tmp_path, small_geometry, rows_read
 ):
     adata = _sorted_by_group(600)
@@ -93,7 +93,12 @@ def test_backed_call_reads_the_data_once_per_epoch_plus_once_to_encode(
     adata.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     sv.tl.ae(backed, **{**FAST, "epochs": 2})
-    # No pass of its own to look for NaN: two epochs and the encoding read each cell once each.
+    # No pass of its own to look for NaN: two epochs and the encoding read each cell once each,
+    # and the linear decoder's initial scale reads each once more (at most 10,000 cells).
+    counts = np.bincount(np.concatenate(rows_read), minlength=adata.n_obs)
+    np.testing.assert_array_equal(counts, np.full(adata.n_obs, 4))
+    rows_read.clear()
+    sv.tl.ae(backed, decoder="mlp", **{**FAST, "epochs": 2})
     counts = np.bincount(np.concatenate(rows_read), minlength=adata.n_obs)
     np.testing.assert_array_equal(counts, np.full(adata.n_obs, 3))
     backed.file.close()

@@ -248,7 +248,12 @@ def _take_rows(X: Any, rows: np.ndarray) -> Any:
 
 
 def gene_std(
-    X: Any, *, log1p: bool = False, max_rows: int = 10_000, random_state: int = 0
+    X: Any,
+    *,
+    log1p: bool = False,
+    max_rows: int = 10_000,
+    random_state: int = 0,
+    name: str = "adata.X",
 ) -> np.ndarray:
     """Standard deviation of each gene over at most ``max_rows`` cells drawn at random.
 
@@ -262,6 +267,9 @@ def gene_std(
         Cells read at most (default 10,000): the result only sets an initialisation scale.
     random_state
         Seed of the draw of cells.
+    name
+        How errors name ``X``: on-disk data is read by the checked reader of training, so a
+        NaN among the cells drawn raises as it would there.
 
     Returns
     -------
@@ -273,9 +281,13 @@ def gene_std(
         rows = np.sort(np.random.default_rng(random_state).choice(n, max_rows, replace=False))
     total = np.zeros(X.shape[1])
     total_sq = np.zeros(X.shape[1])
-    # Chunks of rows, so a dense matrix of all genes is never copied whole in float64.
-    for first in range(0, len(rows), 1024):
-        block = _take_rows(X, rows[first : first + 1024])
+    reader = _RowReader(X, name) if is_backed(X) else None
+    # Chunks of rows, so a dense matrix of all genes is never copied whole in float64; on disk,
+    # chunks of at most a training window.
+    step = 1024 if reader is None else window_rows(reader.values_per_row(), 1)
+    for first in range(0, len(rows), step):
+        chunk = rows[first : first + step]
+        block = _take_rows(X, chunk) if reader is None else reader.read(chunk)
         if sp.issparse(block):
             block = sp.csr_matrix(block, dtype=np.float64, copy=True)
             if log1p:

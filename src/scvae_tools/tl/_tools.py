@@ -190,7 +190,9 @@ def _fit(
         # set it swamps the few hundred that vary, the first steps shrink the codes, and the
         # default length does not recover (suite page: kNN purity 0.21-0.66 against PCA's
         # 0.86-0.96). Scaled by each gene's spread, the noise follows each gene's own variance.
-        spread = gene_std(X, log1p=LIKELIHOODS[likelihood].counts, random_state=random_state)
+        spread = gene_std(
+            X, log1p=LIKELIHOODS[likelihood].counts, random_state=random_state, name=matrix_name
+        )
         model.module.likelihood.scale_output_weights(torch.from_numpy(spread))
     model.module.to(dev)
     # batch_size is the minibatch of all processes together, so one process or several take the
