@@ -110,7 +110,7 @@ class AutoencoderModule(nn.Module):
         if decoder not in DECODER_WIDTHS:
             raise ValueError(f"`decoder` must be one of {tuple(DECODER_WIDTHS)}, got {decoder!r}.")
         widths = [n_latent, *DECODER_WIDTHS[decoder](hidden)]
-        #: Whether the output layer reads the code (and batch) directly: no hidden layer.
+        #: True when the decoder has no hidden layer, so the output layer reads the code directly.
         self.linear_decoder = len(widths) == 1
         self.decoder_body = ConditionalMLP(widths, n_batches)
         self.likelihood: Likelihood = LIKELIHOODS[likelihood](widths[-1], n_genes, n_batches)
