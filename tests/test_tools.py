@@ -77,10 +77,46 @@ def test_first_activation_shapes_the_encoder_and_is_recorded():
     default = sv.tl.ae(adata, return_model=True, **FAST)
     relu = sv.tl.ae(adata, first_activation=True, key_added="relu", return_model=True, **FAST)
     assert isinstance(default.module.first_activation, torch.nn.Identity)  # the write-up's
-    assert isinstance(relu.module.first_activation, torch.nn.ReLU)
+    assert isinstance(relu.module.first_activation, torch.nn.LeakyReLU)  # the AE's activation
     assert adata.uns["ae"]["params"]["first_activation"] is False
     assert adata.uns["relu"]["params"]["first_activation"] is True
     assert not np.allclose(adata.obsm["X_ae"], adata.obsm["relu"])
+
+
+def _activations(model: LatentModel) -> set[type]:
+    kinds = (torch.nn.ReLU, torch.nn.LeakyReLU)
+    return {type(m) for m in model.module.modules() if isinstance(m, kinds)}
+
+
+def test_activation_auto_is_leaky_for_the_ae_only_and_is_recorded():
+    adata = log_adata()
+    snap = _snapshot(adata)
+    with pytest.raises(ValueError, match="`activation` must be one of 'relu', 'leaky_relu', got"):
+        sv.tl.ae(adata, activation="tanh", **FAST)
+    _assert_unchanged(adata, snap)
+    # decoder="mlp" so that the decoder has hidden layers too: every one follows the option.
+    opts = {**FAST, "decoder": "mlp", "first_activation": True, "return_model": True}
+    ae = sv.tl.ae(adata, **opts)
+    relu = sv.tl.ae(adata, activation="relu", key_added="relu", **opts)
+    vae = sv.tl.vae(adata, **opts)
+    leaky_vae = sv.tl.vae(adata, activation="leaky_relu", key_added="leaky", **opts)
+    assert _activations(ae) == {torch.nn.LeakyReLU}
+    assert _activations(relu) == {torch.nn.ReLU}
+    assert _activations(vae) == {torch.nn.ReLU}
+    assert _activations(leaky_vae) == {torch.nn.LeakyReLU}
+    n_act = sum(isinstance(m, torch.nn.LeakyReLU) for m in ae.module.modules())
+    assert n_act == 1 + 1 + 1 + 3  # first layer, body, the head's hidden layer, decoder
+    params = {key: adata.uns[key]["params"]["activation"] for key in ("ae", "relu", "vae", "leaky")}
+    assert params == {"ae": "leaky_relu", "relu": "relu", "vae": "relu", "leaky": "leaky_relu"}
+    assert not np.allclose(adata.obsm["X_ae"], adata.obsm["relu"])
+    # The record is enough to rebuild the model: a save-load round trip keeps the activation.
+    assert _activations(LatentModel("ae", adata.var_names, ae.config)) == {torch.nn.LeakyReLU}
+
+
+def test_a_model_config_without_activation_is_built_with_relus():
+    """Models saved before the option was added load as they were trained."""
+    model = LatentModel("ae", [f"g{i}" for i in range(30)], {"n_latent": 3, "hidden": [16, 8, 4]})
+    assert _activations(model) == {torch.nn.ReLU}
 
 
 def test_first_activation_auto_is_a_relu_for_counts_only():
@@ -780,13 +816,15 @@ def test_cli_train_with_likelihood_and_batch_key(tmp_path, capsys):
     assert not ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]["first_activation"]
     # Unset, --decoder and --encode-covariates leave the tools' defaults; set, they are obeyed.
     defaults = inspect.signature(sv.tl.vae).parameters
-    for flags, decoder, encode in (
-        ([], "shallow", defaults["encode_covariates"].default),  # "auto" with a batch_key
-        (["--decoder", "mlp", "--encode-covariates"], "mlp", True),
-        (["--decoder", "linear", "--no-encode-covariates"], "linear", False),
+    for flags, decoder, encode, activation in (
+        ([], "shallow", defaults["encode_covariates"].default, "relu"),  # "auto"s
+        (["--decoder", "mlp", "--encode-covariates"], "mlp", True, "relu"),
+        (["--decoder", "linear", "--no-encode-covariates"], "linear", False, "relu"),
+        (["--activation", "leaky_relu"], "shallow", False, "leaky_relu"),
     ):
         assert main([*args, *flags]) == 0
         params = ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]
-        assert (params["decoder"], bool(params["encode_covariates"])) == (decoder, encode)
+        got = (params["decoder"], bool(params["encode_covariates"]), params["activation"])
+        assert got == (decoder, encode, activation)
     assert main([*args[:5], "--likelihood", "nb", "--batch-key", "nope", "--quiet"]) == 2
     assert "not a column" in capsys.readouterr().err

@@ -61,6 +61,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "layer, as scVI; mlp: the encoder's widths mirrored, the write-up's (default: linear, "
         "shallow with --batch-key)",
     )
+    parser.add_argument(
+        "--activation",
+        choices=("relu", "leaky_relu"),
+        default=None,
+        help="the hidden layers' activation (default: leaky_relu for the AE, relu for the VAE "
+        "and VSC)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
     parser.add_argument(
         "--early-stopping",
@@ -393,7 +400,7 @@ def _train_in_process(args: argparse.Namespace, device: str) -> int:
         "return_model": True,
     }
     # Unset: the tools' own defaults, stated (and chosen) in one place.
-    for name in ("decoder", "encode_covariates"):
+    for name in ("decoder", "activation", "encode_covariates"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.model in ("vae", "vsc"):

@@ -12,12 +12,21 @@ from torch.nn.utils import parametrize
 
 from ._latent import DeterministicLatent, GaussianLatent, LatentOutput, SpikeSlabLatent
 from ._likelihood import LIKELIHOODS, Likelihood, LikelihoodName
-from ._nn import Batch, ConditionalMLP, InputLinear, InsertedColumns, covariate_columns, mlp
+from ._nn import (
+    ACTIVATIONS,
+    Batch,
+    ConditionalMLP,
+    InputLinear,
+    InsertedColumns,
+    covariate_columns,
+    mlp,
+)
 
-__all__ = ["LATENT_TYPES", "AutoencoderModule", "DecoderKind", "LatentType"]
+__all__ = ["LATENT_TYPES", "ActivationKind", "AutoencoderModule", "DecoderKind", "LatentType"]
 
 LatentType = Literal["deterministic", "gaussian", "spike_slab"]
 DecoderKind = Literal["linear", "shallow", "mlp"]
+ActivationKind = Literal["relu", "leaky_relu"]
 
 #: Hidden widths of each kind of decoder, from the encoder's ``hidden``: none ("linear", the
 #: output layer reads the code and the batch), the first encoder width once ("shallow", as
@@ -58,7 +67,7 @@ class AutoencoderModule(nn.Module):
     prior_spike
         Prior probability of an active latent dimension (spike-and-slab only).
     first_activation
-        Put a ReLU after the first layer. The write-up has none; kept off by default.
+        Put the activation after the first layer. The write-up has none; kept off by default.
     kl_warmup
         Fraction of training, in ``[0, 1]``, over which the weight of the KL term rises
         linearly from 0 to ``beta`` (:meth:`set_progress`); 0 applies ``beta`` throughout.
@@ -93,8 +102,14 @@ class AutoencoderModule(nn.Module):
         n_batches: int = 0,
         encode_covariates: bool = False,
         decoder: DecoderKind = "mlp",
+        activation: ActivationKind = "relu",
     ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {tuple(ACTIVATIONS)}, got {activation!r}."
+            )
+        act = ACTIVATIONS[activation]
         hidden = tuple(int(h) for h in hidden)
         body = hidden[:-1] if len(hidden) > 1 else hidden
         head_widths = hidden[-1:] if len(hidden) > 1 else ()
@@ -103,16 +118,18 @@ class AutoencoderModule(nn.Module):
         self.kl_warmup = float(kl_warmup)
         self.kl_weight = self.beta
         self.input_layer = InputLinear(n_genes, hidden[0])
-        self.first_activation = nn.ReLU() if first_activation else nn.Identity()
-        self.encoder_body = mlp(body, last_activation=True)
+        self.first_activation = act() if first_activation else nn.Identity()
+        self.encoder_body = mlp(body, last_activation=True, activation=act)
         kwargs = {"prior_spike": prior_spike} if latent == "spike_slab" else {}
-        self.latent = LATENT_TYPES[latent](body[-1], head_widths, n_latent, **kwargs)
+        self.latent = LATENT_TYPES[latent](
+            body[-1], head_widths, n_latent, activation=act, **kwargs
+        )
         if decoder not in DECODER_WIDTHS:
             raise ValueError(f"`decoder` must be one of {tuple(DECODER_WIDTHS)}, got {decoder!r}.")
         widths = [n_latent, *DECODER_WIDTHS[decoder](hidden)]
         #: True when the decoder has no hidden layer, so the output layer reads the code directly.
         self.linear_decoder = len(widths) == 1
-        self.decoder_body = ConditionalMLP(widths, n_batches)
+        self.decoder_body = ConditionalMLP(widths, n_batches, activation=act)
         self.likelihood: Likelihood = LIKELIHOODS[likelihood](widths[-1], n_genes, n_batches)
         self.input_covariates = (
             nn.Linear(n_batches, hidden[0], bias=False) if encode_covariates and n_batches else None

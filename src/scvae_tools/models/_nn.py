@@ -5,12 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ACTIVATIONS",
     "Batch",
     "ConditionalMLP",
     "InputLinear",
@@ -161,15 +163,31 @@ class Batch:
         )
 
 
-def mlp(sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
-    """Linear layers with ReLU between them.
+#: The hidden layers' activations, by the name that the tools' ``activation`` takes. The leaky
+#: ReLU's slope of 0.01 is PyTorch's default: it keeps a gradient through a unit that is negative
+#: for every cell, where a ReLU's unit is dead for good.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": partial(nn.LeakyReLU, 0.01),
+}
+
+
+def mlp(
+    sizes: Sequence[int],
+    *,
+    last_activation: bool = True,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> nn.Sequential:
+    """Linear layers with an activation (a ReLU by default) between them.
 
     Parameters
     ----------
     sizes
         Widths ``(in, h1, ..., out)``; a single width gives an empty (identity) module.
     last_activation
-        Whether a ReLU follows the last layer too.
+        Whether an activation follows the last layer too.
+    activation
+        Builds each activation module, such as a value of :data:`ACTIVATIONS`.
 
     Returns
     -------
@@ -180,7 +198,7 @@ def mlp(sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
     for i in range(n_layers):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < n_layers - 1 or last_activation:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     return nn.Sequential(*layers)
 
 
@@ -198,16 +216,25 @@ class ConditionalMLP(nn.Sequential):
     n_covariates
         Width of the covariates concatenated to each layer's input.
     last_activation
-        Whether a ReLU follows the last layer too.
+        Whether an activation follows the last layer too.
+    activation
+        Builds each activation module, such as a value of :data:`ACTIVATIONS`.
     """
 
-    def __init__(self, sizes: Sequence[int], n_covariates: int = 0, *, last_activation=True):
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        n_covariates: int = 0,
+        *,
+        last_activation: bool = True,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+    ):
         layers: list[nn.Module] = []
         n_layers = len(sizes) - 1
         for i in range(n_layers):
             layers.append(nn.Linear(sizes[i] + n_covariates, sizes[i + 1]))
             if i < n_layers - 1 or last_activation:
-                layers.append(nn.ReLU())
+                layers.append(activation())
         super().__init__(*layers)
         self.n_covariates = n_covariates
 
