@@ -187,7 +187,7 @@ def mlp(
     last_activation
         Whether an activation follows the last layer too.
     activation
-        Builds each activation module, such as a value of :data:`ACTIVATIONS`.
+        Builds each activation module, such as a value of ``_nn.ACTIVATIONS``.
 
     Returns
     -------
@@ -218,7 +218,7 @@ class ConditionalMLP(nn.Sequential):
     last_activation
         Whether an activation follows the last layer too.
     activation
-        Builds each activation module, such as a value of :data:`ACTIVATIONS`.
+        Builds each activation module, such as a value of ``_nn.ACTIVATIONS``.
     """
 
     def __init__(
