@@ -112,6 +112,7 @@ nitpick_ignore = [
     ("py:class", "torch.nn.parameter.Parameter"),
     ("py:class", "anndata._core.anndata.AnnData"),  # where AnnData is defined
     # the standard library's typing names, as sphinx-autodoc-typehints links them.
+    ("py:class", "collections.abc.Callable"),
     ("py:class", "collections.abc.Sequence"),
     ("py:class", "collections.abc.Iterator"),
     ("py:class", "os.PathLike"),
