@@ -245,3 +245,28 @@ def test_adam_moments_of_idle_weights_are_zeroed_before_they_turn_subnormal():
             if moment.dim():
                 assert not ((moment != 0) & (moment.abs() < tiny)).any(), step
     assert optimizer.state[weight]["exp_avg"].abs().max() == 0
+
+
+@pytest.mark.parametrize("latent", ["deterministic", "gaussian", "spike_slab"])
+def test_linear_path_starts_the_code_at_the_principal_axes(latent):
+    torch.manual_seed(0)
+    n_genes, k = 40, 3
+    x = np.random.default_rng(0).poisson(1.0, size=(50, n_genes)).astype(np.float32)
+    module = AutoencoderModule(n_genes, latent, n_latent=k, linear_path=True)
+    head = module.latent.heads[module.latent.location_head]
+    assert not head[-1].weight.any() and not head[-1].bias.any()  # the residual starts at zero
+    components = torch.linalg.qr(torch.randn(n_genes, k)).Q.T
+    center = torch.from_numpy(x.mean(0))
+    module.init_linear_path(components, center, scale=0.5)
+    for X in (x, sp.csr_matrix(x)):
+        out = module.encode(to_batch(X))
+        location = out.extras.get("mu", out.mean)  # the VSC's mean is gated by its spikes
+        expected = 0.5 * (torch.from_numpy(x) - center) @ components.T
+        torch.testing.assert_close(location, expected, atol=1e-5, rtol=1e-5)
+    # Off (the default), the module has no path and its location head is PyTorch's draw.
+    plain = AutoencoderModule(n_genes, latent, n_latent=k)
+    assert not plain.linear_path
+    assert plain.input_layer.weight.shape == (n_genes, 128)
+    assert plain.latent.heads[plain.latent.location_head][-1].weight.any()
+    with pytest.raises(ValueError, match="no linear path"):
+        plain.init_linear_path(components, center)

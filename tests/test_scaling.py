@@ -94,11 +94,12 @@ def test_backed_call_reads_each_cell_once_per_epoch_to_encode_and_to_scale_the_d
     backed = ad.read_h5ad(path, backed="r")
     sv.tl.ae(backed, **{**FAST, "epochs": 2})
     # No pass of its own to look for NaN: two epochs and the encoding read each cell once each,
-    # and the linear decoder's initial scale reads each once more (at most 10,000 cells).
+    # the linear decoder's initial scale reads each once more (at most 10,000 cells), and the
+    # linear path's principal axes once more (at most 4,000 cells).
     counts = np.bincount(np.concatenate(rows_read), minlength=adata.n_obs)
-    np.testing.assert_array_equal(counts, np.full(adata.n_obs, 4))
+    np.testing.assert_array_equal(counts, np.full(adata.n_obs, 5))
     rows_read.clear()
-    sv.tl.ae(backed, decoder="mlp", **{**FAST, "epochs": 2})
+    sv.tl.ae(backed, decoder="mlp", linear_path=False, **{**FAST, "epochs": 2})
     counts = np.bincount(np.concatenate(rows_read), minlength=adata.n_obs)
     np.testing.assert_array_equal(counts, np.full(adata.n_obs, 3))
     backed.file.close()

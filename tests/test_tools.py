@@ -119,6 +119,62 @@ def test_a_model_config_without_activation_is_built_with_relus():
     assert _activations(model) == {torch.nn.ReLU}
 
 
+def test_linear_path_auto_is_on_for_one_gaussian_batch_of_the_ae_and_vae():
+    adata = two_batch_counts(n_cells=120, n_genes=30)
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    snap = _snapshot(adata)
+    with pytest.raises(TypeError, match="`linear_path` must be True or False, got 'yes'"):
+        sv.tl.ae(adata, linear_path="yes", **FAST)
+    _assert_unchanged(adata, snap)
+    opts = {**FAST, "return_model": True}
+    models = {
+        "ae": sv.tl.ae(adata, **opts),
+        "vae": sv.tl.vae(adata, **opts),
+        "vsc": sv.tl.vsc(adata, **opts),
+        "batched": sv.tl.ae(adata, batch_key="batch", key_added="batched", **opts),
+        "plain": sv.tl.ae(adata, linear_path=False, key_added="plain", **opts),
+        "vsc_path": sv.tl.vsc(adata, linear_path=True, key_added="vsc_path", **opts),
+    }
+    has_path = {
+        key: (model.module.linear_path, adata.uns[key]["params"]["linear_path"])
+        for key, model in models.items()
+    }
+    assert has_path == {
+        "ae": (True, True),
+        "vae": (True, True),
+        "vsc": (False, False),
+        "batched": (False, False),
+        "plain": (False, False),
+        "vsc_path": (True, True),
+    }
+    ae = models["ae"]
+    assert not np.allclose(adata.obsm["X_ae"], adata.obsm["plain"])
+    # The path starts at the principal axes: after 3 epochs the AE's code still lies close to
+    # a linear map of PCA's (least squares), and the plain AE's does not.
+    pcs = sc.pp.pca(adata.X, n_comps=6)
+    pcs = np.c_[pcs, np.ones(len(pcs))]
+
+    def explained(rep):
+        fit = pcs @ np.linalg.lstsq(pcs, rep, rcond=None)[0]
+        return 1 - ((rep - fit) ** 2).sum() / ((rep - rep.mean(0)) ** 2).sum()
+
+    assert explained(adata.obsm["X_ae"]) > 0.95 > explained(adata.obsm["plain"])
+    # The record rebuilds the model, path included; a saved model without the key has none.
+    rebuilt = LatentModel("ae", adata.var_names, ae.config)
+    rebuilt.module.load_state_dict(ae.module.state_dict())
+    np.testing.assert_allclose(rebuilt.encode(adata), adata.obsm["X_ae"], rtol=1e-4, atol=1e-5)
+    old = LatentModel("ae", [f"g{i}" for i in range(30)], {"n_latent": 3, "hidden": [16, 8, 4]})
+    assert not old.module.linear_path
+    # Counts: "auto" leaves it off; asked for, it is started on log1p of the counts.
+    counts_ae = sv.tl.ae(adata, layer="counts", likelihood="nb", key_added="nb", **opts)
+    assert not counts_ae.module.linear_path and not adata.uns["nb"]["params"]["linear_path"]
+    counts = sv.tl.vae(adata, layer="counts", likelihood="nb", linear_path=True, **opts)
+    assert counts.module.linear_path
+    assert np.isfinite(adata.obsm["X_vae"]).all()
+
+
 def test_first_activation_auto_is_a_relu_for_counts_only():
     adata = log_adata()
     counts = sv.tl.vae(adata, layer="counts", likelihood="nb", return_model=True, **FAST)
@@ -826,5 +882,34 @@ def test_cli_train_with_likelihood_and_batch_key(tmp_path, capsys):
         params = ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]
         got = (params["decoder"], bool(params["encode_covariates"]), params["activation"])
         assert got == (decoder, encode, activation)
+        assert not params["linear_path"]  # "auto": not with a batch_key
+    assert main([*args, "--linear-path"]) == 0
+    assert ad.read_h5ad(tmp_path / "out.h5ad").uns["vae"]["params"]["linear_path"]
     assert main([*args[:5], "--likelihood", "nb", "--batch-key", "nope", "--quiet"]) == 2
     assert "not a column" in capsys.readouterr().err
+
+
+def test_principal_axes_match_an_svd_on_every_format_and_leave_the_matrix_alone():
+    from scvae_tools._data import principal_axes
+
+    rng = np.random.default_rng(0)
+    dense = (rng.poisson(0.5, size=(300, 12)) * rng.uniform(0.5, 3, size=12)).astype(np.float32)
+    centred = dense - dense.mean(0)
+    _, s, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    for X in (dense, sp.csr_matrix(dense), sp.csc_matrix(dense)):
+        before = X.copy()
+        mean, axes, variance = principal_axes(X, 3)
+        np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-5)
+        # Each axis up to its sign; the variance of the scores along it (n - 1 in scanpy).
+        np.testing.assert_allclose(np.abs((axes * vt[:3]).sum(1)), 1.0, atol=1e-4)
+        np.testing.assert_allclose(variance, s[:3] ** 2 / (len(dense) - 1), rtol=1e-4)
+        diff = X - before
+        assert (abs(diff).sum() if sp.issparse(diff) else np.abs(diff).sum()) == 0
+    # Fewer cells than axes: the axes beyond the rank are zeros.
+    _, tiny, tiny_var = principal_axes(dense[:4], 6)
+    vt4 = np.linalg.svd(dense[:4] - dense[:4].mean(0), full_matrices=False)[2]
+    np.testing.assert_allclose(np.abs((tiny[:3] * vt4[:3]).sum(1)), 1.0, atol=1e-4)
+    assert not tiny[3:].any() and not tiny_var[3:].any() and tiny_var[2] > 0
+    _, logged, _ = principal_axes(dense, 2, log1p=True)
+    _, _, vt_log = np.linalg.svd(np.log1p(dense) - np.log1p(dense).mean(0), full_matrices=False)
+    np.testing.assert_allclose(np.abs((logged * vt_log[:2]).sum(1)), 1.0, atol=1e-4)

@@ -247,6 +247,35 @@ def _take_rows(X: Any, rows: np.ndarray) -> Any:
     return np.asarray(X[rows])
 
 
+def _drawn_blocks(
+    X: Any, *, log1p: bool, max_rows: int, random_state: int, name: str
+) -> Iterator[Any]:
+    """At most ``max_rows`` cells of ``X`` drawn at random, in float64 row blocks (dense or CSR).
+
+    Chunks of rows, so a dense matrix of all genes is never copied whole in float64; on disk,
+    chunks of at most a training window, read by the checked reader of training (a NaN among
+    the cells drawn raises as it would there).
+    """
+    n = X.shape[0]
+    rows = np.arange(n)
+    if n > max_rows:
+        rows = np.sort(np.random.default_rng(random_state).choice(n, max_rows, replace=False))
+    reader = _RowReader(X, name) if is_backed(X) else None
+    step = 1024 if reader is None else window_rows(reader.values_per_row(), 1)
+    for first in range(0, len(rows), step):
+        chunk = rows[first : first + step]
+        block = _take_rows(X, chunk) if reader is None else reader.read(chunk)
+        if sp.issparse(block):
+            block = sp.csr_matrix(block, dtype=np.float64, copy=True)
+            if log1p:
+                block.data = np.log1p(block.data)
+        else:
+            block = np.asarray(block, dtype=np.float64)
+            if log1p:
+                block = np.log1p(block)
+        yield block
+
+
 def gene_std(
     X: Any,
     *,
@@ -275,33 +304,101 @@ def gene_std(
     -------
     Shape ``(n_genes,)``, float64; 0 for a gene that is constant over the cells read.
     """
-    n = X.shape[0]
-    rows = np.arange(n)
-    if n > max_rows:
-        rows = np.sort(np.random.default_rng(random_state).choice(n, max_rows, replace=False))
     total = np.zeros(X.shape[1])
     total_sq = np.zeros(X.shape[1])
-    reader = _RowReader(X, name) if is_backed(X) else None
-    # Chunks of rows, so a dense matrix of all genes is never copied whole in float64; on disk,
-    # chunks of at most a training window.
-    step = 1024 if reader is None else window_rows(reader.values_per_row(), 1)
-    for first in range(0, len(rows), step):
-        chunk = rows[first : first + step]
-        block = _take_rows(X, chunk) if reader is None else reader.read(chunk)
+    n = 0
+    for block in _drawn_blocks(
+        X, log1p=log1p, max_rows=max_rows, random_state=random_state, name=name
+    ):
+        n += block.shape[0]
         if sp.issparse(block):
-            block = sp.csr_matrix(block, dtype=np.float64, copy=True)
-            if log1p:
-                block.data = np.log1p(block.data)
             total += np.asarray(block.sum(axis=0)).ravel()
             total_sq += np.asarray(block.multiply(block).sum(axis=0)).ravel()
         else:
-            block = np.asarray(block, dtype=np.float64)
-            if log1p:
-                block = np.log1p(block)
             total += block.sum(axis=0)
             total_sq += (block * block).sum(axis=0)
-    mean = total / len(rows)
-    return np.sqrt(np.maximum(total_sq / len(rows) - mean * mean, 0.0))
+    mean = total / n
+    return np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
+
+
+def principal_axes(
+    X: Any,
+    n_comps: int,
+    *,
+    log1p: bool = False,
+    max_rows: int = 4_000,
+    random_state: int = 0,
+    name: str = "adata.X",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading principal axes of at most ``max_rows`` cells drawn at random.
+
+    A randomized SVD (Halko, Martinsson & Tropp 2011: ``n_comps + 10`` columns, 4 power
+    iterations) of the centred cells, centred implicitly so that sparse data is never made
+    dense, with products in float64; unlike ARPACK it does not fail on degenerate input (an
+    integer matrix, huge values, fewer cells than axes).
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_genes)``, any supported matrix (dense, CSR/CSC, backed). Not modified.
+    n_comps
+        Axes to return. Where the cells drawn or the genes are no more than ``n_comps``, the
+        axes beyond their rank are zeros.
+    log1p
+        Take ``log(1 + x)`` first (the count likelihoods' encoder input).
+    max_rows
+        Cells read at most (default 4,000): the axes only set an initialisation.
+    random_state
+        Seed of the draw of cells and of the random projection.
+    name
+        How errors name ``X`` (see :func:`gene_std`).
+
+    Returns
+    -------
+    ``mean`` ``(n_genes,)``, ``components`` ``(n_comps, n_genes)`` (each axis's sign chosen so
+    that its largest loading is positive) and ``variance`` ``(n_comps,)``, the variance of the
+    cells' scores along each axis (``n - 1`` in the denominator), largest first.
+    """
+    blocks: list[Any] = []
+    total = np.zeros(X.shape[1])
+    for block in _drawn_blocks(
+        X, log1p=log1p, max_rows=max_rows, random_state=random_state, name=name
+    ):
+        total += np.asarray(block.sum(axis=0)).ravel()
+        # Dense cells are kept in float32 (half the memory) and multiplied a block at a time.
+        blocks.append(block if sp.issparse(block) else block.astype(np.float32))
+    n = sum(b.shape[0] for b in blocks)
+    mean = total / n
+
+    def as64(b: Any) -> Any:
+        return b if sp.issparse(b) else b.astype(np.float64)
+
+    def centred_times(B: np.ndarray) -> np.ndarray:  # (cells - mean) @ B, block by block
+        return np.vstack([as64(b) @ B for b in blocks]) - mean @ B
+
+    def centred_t_times(C: np.ndarray) -> np.ndarray:  # (cells - mean).T @ C
+        out = -np.outer(mean, C.sum(axis=0))
+        first = 0
+        for b in blocks:
+            out += as64(b).T @ C[first : first + b.shape[0]]
+            first += b.shape[0]
+        return out
+
+    width = min(n_comps + 10, n, X.shape[1])
+    rng = np.random.default_rng(random_state)
+    Q = np.linalg.qr(centred_times(rng.standard_normal((X.shape[1], width))))[0]
+    for _ in range(4):
+        Q = np.linalg.qr(centred_times(np.linalg.qr(centred_t_times(Q))[0]))[0]
+    _, s, vt = np.linalg.svd(centred_t_times(Q).T, full_matrices=False)
+    # Float32 input: a singular value below its resolution is rounding, not an axis.
+    rank = int((s > s.max(initial=0.0) * max(n, X.shape[1]) * np.finfo(np.float32).eps).sum())
+    k = min(n_comps, rank)
+    components = np.zeros((n_comps, X.shape[1]))
+    variance = np.zeros(n_comps)
+    signs = np.sign(vt[np.arange(k), np.abs(vt[:k]).argmax(axis=1)])
+    components[:k] = vt[:k] * signs[:, None]
+    variance[:k] = s[:k] ** 2 / max(n - 1, 1)
+    return mean, components, variance
 
 
 def iter_row_blocks(

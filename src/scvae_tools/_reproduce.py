@@ -22,6 +22,7 @@ _WRITEUP_NET: dict[str, object] = {
     "decoder": "mlp",
     "first_activation": False,
     "activation": "relu",
+    "linear_path": False,
 }
 _WRITEUP_KL: dict[str, object] = {"beta": 2.0, "kl_warmup": 0.0}
 WRITEUP_CONFIG: dict[str, dict[str, object]] = {
@@ -110,8 +111,8 @@ def _config_text() -> str:
     vsc = WRITEUP_CONFIG["vsc"]
     return (
         f"{vsc['n_latent']} latent dimensions, encoder {vsc['hidden']} mirrored in an MLP "
-        f"decoder, ReLU activations (none after the first layer), beta {vsc['beta']} "
-        f"without warm-up, prior spike {vsc['prior_spike']}"
+        f"decoder, ReLU activations (none after the first layer), no linear path, beta "
+        f"{vsc['beta']} without warm-up, prior spike {vsc['prior_spike']}"
     )
 
 

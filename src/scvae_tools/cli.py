@@ -68,6 +68,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="the hidden layers' activation (default: leaky_relu for the AE, relu for the VAE "
         "and VSC)",
     )
+    parser.add_argument(
+        "--linear-path",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a linear path from the input to the code, started at the principal axes "
+        "(default: for the AE and the VAE, Gaussian, without --batch-key)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="cells per minibatch (256)")
     parser.add_argument(
         "--early-stopping",
@@ -400,7 +407,7 @@ def _train_in_process(args: argparse.Namespace, device: str) -> int:
         "return_model": True,
     }
     # Unset: the tools' own defaults, stated (and chosen) in one place.
-    for name in ("decoder", "activation", "encode_covariates"):
+    for name in ("decoder", "activation", "linear_path", "encode_covariates"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.model in ("vae", "vsc"):

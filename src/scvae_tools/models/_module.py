@@ -85,6 +85,15 @@ class AutoencoderModule(nn.Module):
         ``"linear"``: the output layer reads the code (and the one-hot batch) directly, as
         scvi-tools' LDVAE. ``"shallow"``: one hidden layer as wide as the encoder's first, as
         scVI's decoder. The tools choose with their ``decoder="auto"``.
+    activation
+        The hidden layers' activation, a key of ``_nn.ACTIVATIONS`` (``"relu"``, the write-up's,
+        or ``"leaky_relu"``).
+    linear_path
+        Add a linear map of the encoder's input to the code's location (the AE's code, the
+        mean of the VAE and the VSC), as ``n_latent`` more columns of the first layer, and
+        start the nonlinear encoder's location head at zero:
+        the code then starts as the linear path's, which :meth:`init_linear_path` sets to the
+        leading principal components. Off by default.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class AutoencoderModule(nn.Module):
         encode_covariates: bool = False,
         decoder: DecoderKind = "mlp",
         activation: ActivationKind = "relu",
+        linear_path: bool = False,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -117,6 +127,9 @@ class AutoencoderModule(nn.Module):
         self.beta = float(beta)
         self.kl_warmup = float(kl_warmup)
         self.kl_weight = self.beta
+        #: Whether the encoder has the linear path (its columns follow the first layer's).
+        self.linear_path = bool(linear_path)
+        self._n_hidden_in = hidden[0]
         self.input_layer = InputLinear(n_genes, hidden[0])
         self.first_activation = act() if first_activation else nn.Identity()
         self.encoder_body = mlp(body, last_activation=True, activation=act)
@@ -134,6 +147,43 @@ class AutoencoderModule(nn.Module):
         self.input_covariates = (
             nn.Linear(n_batches, hidden[0], bias=False) if encode_covariates and n_batches else None
         )
+        if linear_path:
+            # The path is the first layer's last columns: one pass over a sparse batch's
+            # non-zeros instead of two. Drawn last, so that every other weight starts as it
+            # would without the path.
+            path = InputLinear(n_genes, n_latent)
+            first = self.input_layer
+            first.weight = nn.Parameter(torch.cat([first.weight.detach(), path.weight.detach()], 1))
+            first.bias = nn.Parameter(torch.cat([first.bias.detach(), path.bias.detach()]))
+            self.latent.zero_location()
+            # The path's output is its layer's times this factor, so that its weights are of
+            # order 1: Adam moves every weight by about ``lr`` per step, and would rewrite
+            # weights of PCA's size (about 1 / sqrt(n_genes)) within tens of steps.
+            self.register_buffer("path_scale", torch.tensor(1.0))
+
+    def init_linear_path(
+        self, components: torch.Tensor, center: torch.Tensor, scale: float = 1.0
+    ) -> None:
+        """Set the linear path to ``scale * components @ (x - center)``.
+
+        Parameters
+        ----------
+        components
+            ``(n_latent, n_genes)``: the principal axes of the encoder's input, one per row.
+        center
+            ``(n_genes,)``: the input's mean.
+        scale
+            One factor for every axis, so that the path keeps PCA's relative geometry.
+        """
+        if not self.linear_path:
+            raise ValueError("The module has no linear path (linear_path=False).")
+        unit = float(components.shape[1]) ** 0.5
+        layer = self.input_layer
+        weight = components.T.to(layer.weight) * unit
+        with torch.no_grad():
+            layer.weight[:, self._n_hidden_in :] = weight
+            layer.bias[self._n_hidden_in :] = -(center.to(weight) @ weight)
+            self.path_scale.fill_(scale / unit)
 
     @property
     def output_layer(self) -> torch.nn.Module:
@@ -212,10 +262,13 @@ class AutoencoderModule(nn.Module):
     def inference(self, batch: Batch, generator: torch.Generator | None = None) -> LatentOutput:
         """Encode a batch: the posterior (or code) of each cell."""
         h = self.input_layer(self.likelihood.encoder_input(batch))
+        offset = None
+        if self.linear_path:
+            h, offset = h[:, : self._n_hidden_in], h[:, self._n_hidden_in :] * self.path_scale
         if self.input_covariates is not None:
             h = h + self.input_covariates(batch.covariates)
         h = self.encoder_body(self.first_activation(h))
-        return self.latent(h, generator)
+        return self.latent(h, generator, offset)
 
     def generative(self, z: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         """Decode codes of shape ``(n_cells, n_latent)`` to the last hidden layer.

@@ -19,6 +19,7 @@ from .._data import (
     gene_std,
     get_matrix,
     is_backed,
+    principal_axes,
     validate_matrix,
 )
 from .._schedule import Auto, held_out_rows, patience_steps, training_schedule
@@ -114,6 +115,19 @@ def _activation(value: Any, kind: ModelKind) -> str:
     return check_choice("activation", value, tuple(ACTIVATIONS))
 
 
+def _linear_path(value: Any, kind: ModelKind, likelihood: str, batch_key: str | None) -> bool:
+    """``linear_path``, with ``"auto"`` resolved: the latent type's own, for one Gaussian batch.
+
+    The principal axes of several batches carry the batch effect into the code, and the count
+    likelihoods' encoder input, ``log1p`` of the raw counts, is not normalised for depth;
+    neither case was measured with the path.
+    """
+    if isinstance(value, str) and value == "auto":
+        own = LATENT_TYPES[MODEL_LATENT[kind]].default_linear_path
+        return own and batch_key is None and not LIKELIHOODS[likelihood].counts
+    return check_bool("linear_path", value)
+
+
 def _fit(
     kind: ModelKind,
     adata: AnnData,
@@ -163,6 +177,7 @@ def _fit(
         "first_activation": _first_activation(model_options["first_activation"], likelihood),
         "decoder": _decoder(model_options["decoder"], batch_key),
         "activation": _activation(model_options["activation"], kind),
+        "linear_path": _linear_path(model_options["linear_path"], kind, likelihood, batch_key),
     }
     covariates, categories = None, []
     if batch_key is not None:
@@ -207,6 +222,18 @@ def _fit(
             X, log1p=LIKELIHOODS[likelihood].counts, random_state=random_state, name=matrix_name
         )
         model.module.likelihood.scale_output_weights(torch.from_numpy(spread))
+    if model.module.linear_path:
+        mean, components, variance = principal_axes(
+            X,
+            n_latent,
+            log1p=LIKELIHOODS[likelihood].counts,
+            random_state=random_state,
+            name=matrix_name,
+        )
+        # One factor for all axes keeps PCA's relative geometry; the mean variance of 1 per
+        # dimension puts the codes on the prior's scale.
+        scale = 1.0 / float(np.sqrt(variance.mean())) if variance.mean() > 0 else 1.0
+        model.module.init_linear_path(torch.from_numpy(components), torch.from_numpy(mean), scale)
     model.module.to(dev)
     # batch_size is the minibatch of all processes together, so one process or several take the
     # same optimisation steps.
@@ -338,6 +365,16 @@ _COMMON_DOC = """
         0.01). ``"auto"``: ``"leaky_relu"`` for the AE, ``"relu"`` for the VAE and the VSC;
         ``params`` records which. Trained by the reconstruction alone, the AE's ReLUs die,
         which collapsed its code on small plates with all genes (the suite page).
+    linear_path
+        Add a linear map from the input to the code (the AE's code, the VAE's and the VSC's
+        mean), started at the input's leading ``n_latent`` principal axes (of at most 4,000
+        cells drawn at random; one factor scales them all to a mean variance of 1), and start
+        the nonlinear encoder's output at zero, as a residual. The code then starts with PCA's
+        geometry and moves away only where training gains. ``"auto"``: on for the AE and the
+        VAE with the Gaussian likelihood and no ``batch_key``; off for the VSC (its code
+        collapsed on some seeds with the path), with batches (their principal axes carry the
+        batch effect) and with counts (not measured); ``params`` records which. The suite page
+        gives the measurements.
     layer
         Train on ``adata.layers[layer]`` instead of ``adata.X``.
     likelihood
@@ -483,6 +520,7 @@ def ae(
     decoder: DecoderKind | Auto = "auto",
     first_activation: bool | Auto = "auto",
     activation: ActivationKind | Auto = "auto",
+    linear_path: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
@@ -505,6 +543,7 @@ def ae(
         model_options={
             "first_activation": first_activation,
             "activation": activation,
+            "linear_path": linear_path,
             "decoder": decoder,
             "encode_covariates": encode_covariates,
         },
@@ -537,6 +576,7 @@ def vae(
     decoder: DecoderKind | Auto = "auto",
     first_activation: bool | Auto = "auto",
     activation: ActivationKind | Auto = "auto",
+    linear_path: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
@@ -563,6 +603,7 @@ def vae(
             "kl_warmup": kl_warmup,
             "first_activation": first_activation,
             "activation": activation,
+            "linear_path": linear_path,
             "decoder": decoder,
             "encode_covariates": encode_covariates,
         },
@@ -596,6 +637,7 @@ def vsc(
     decoder: DecoderKind | Auto = "auto",
     first_activation: bool | Auto = "auto",
     activation: ActivationKind | Auto = "auto",
+    linear_path: bool | Auto = "auto",
     layer: str | None = None,
     likelihood: LikelihoodName = "gaussian",
     batch_key: str | None = None,
@@ -626,6 +668,7 @@ def vsc(
             "prior_spike": prior_spike,
             "first_activation": first_activation,
             "activation": activation,
+            "linear_path": linear_path,
             "decoder": decoder,
             "encode_covariates": encode_covariates,
         },
