@@ -92,9 +92,24 @@ class _Latent(nn.Module):
             last.weight.zero_()
             last.bias.zero_()
 
-    def _location(self, h: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        loc = self.heads[self.location_head](h)
-        return loc if offset is None else loc + offset
+    def forward(
+        self,
+        h: torch.Tensor,
+        generator: torch.Generator | None = None,
+        offset: torch.Tensor | None = None,
+    ) -> LatentOutput:
+        """Encode ``h`` of shape ``(n_cells, n_in)``.
+
+        ``offset``, ``(n_cells, n_latent)``, is added to the location head's output (the
+        encoder's linear path).
+        """
+        location = self.heads[self.location_head](h)
+        return self._encode(location if offset is None else location + offset, h, generator)
+
+    def _encode(
+        self, location: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None
+    ) -> LatentOutput:
+        raise NotImplementedError
 
     def draw(self, out: LatentOutput, generator: torch.Generator | None = None) -> torch.Tensor:
         """One sample of the posterior described by ``out``, shape ``(n_cells, n_latent)``.
@@ -130,14 +145,9 @@ class DeterministicLatent(_Latent):
     ):
         super().__init__(n_in, widths, n_latent, ["code"], activation)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        generator: torch.Generator | None = None,
-        offset: torch.Tensor | None = None,
+    def _encode(
+        self, code: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None
     ) -> LatentOutput:
-        """Encode ``h`` of shape ``(n_cells, n_in)``; ``offset`` is added to the code."""
-        code = self._location(h, offset)
         return LatentOutput(z=code, mean=code)
 
     def draw(self, out: LatentOutput, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -158,14 +168,9 @@ class GaussianLatent(_Latent):
     ):
         super().__init__(n_in, widths, n_latent, ["mu", "log_sigma"], activation)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        generator: torch.Generator | None = None,
-        offset: torch.Tensor | None = None,
+    def _encode(
+        self, mu: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None
     ) -> LatentOutput:
-        """Encode ``h`` of shape ``(n_cells, n_in)``; ``offset`` is added to the mean ``mu``."""
-        mu = self._location(h, offset)
         log_sigma = self.heads["log_sigma"](h)
         if self.training:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
@@ -210,14 +215,9 @@ class SpikeSlabLatent(_Latent):
         start, end = self.sharpness_range
         self.sharpness = start + (end - start) * min(max(fraction, 0.0), 1.0)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        generator: torch.Generator | None = None,
-        offset: torch.Tensor | None = None,
+    def _encode(
+        self, mu: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None
     ) -> LatentOutput:
-        """Encode ``h`` of shape ``(n_cells, n_in)``; ``offset`` is added to the mean ``mu``."""
-        mu = self._location(h, offset)
         log_sigma = self.heads["log_sigma"](h)
         spike_logits = self.heads["spike_logits"](h)
         gamma = torch.sigmoid(spike_logits)
