@@ -55,11 +55,11 @@ class _Latent(nn.Module):
     #: The hidden layers' activation that the tools' ``activation="auto"`` gives this model
     #: (a key of ``_nn.ACTIVATIONS``).
     default_activation: str = "relu"
-    #: The head that gives the code's location (the AE's code, the mean of the others): the one
-    #: that the encoder's linear path (``AutoencoderModule(linear_path=True)``) adds to.
+    #: The head that gives the code's location, the AE's code or the mean of the others, to
+    #: which the encoder's linear path (``AutoencoderModule(linear_path=True)``) is added.
     location_head: str = "mu"
     #: Whether the tools' ``linear_path="auto"`` gives this model the encoder's linear path
-    #: (without a ``batch_key`` only).
+    #: (with the Gaussian likelihood and without a ``batch_key`` only).
     default_linear_path: bool = False
 
     def __init__(
